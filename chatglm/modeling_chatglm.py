@@ -165,6 +165,8 @@ class PrefixEncoder(nn.Module):
             )
         else:
             self.embedding = nn.Embedding(config.pre_seq_len, kv_size)
+        for layer in self.modules():
+            layer._torch_default_init = True  # see ChatGLMPreTrainedModel._init_weights
 
     def forward(self, prefix_ids: torch.Tensor) -> torch.Tensor:
         prefix = self.embedding(prefix_ids)
@@ -256,16 +258,17 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, PrefixEncoder):
-            # The original leaves the prefix encoder at PyTorch's defaults (embedding N(0, 1), Linear
-            # Kaiming-uniform); P-Tuning's usual learning rate (1e-2) is tuned for that scale.
-            init.normal_(module.embedding.weight, mean=0.0, std=1.0)
-            for layer in getattr(module, "trans", []):
-                if isinstance(layer, nn.Linear):
-                    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
-                    bound = 1 / math.sqrt(layer.in_features)
-                    init.uniform_(layer.bias, -bound, bound)
+        if not getattr(module, "_torch_default_init", False):
+            super()._init_weights(module)
+        # The original leaves the prefix encoder at PyTorch's defaults (embedding N(0, 1), Linear Kaiming-uniform);
+        # P-Tuning's usual learning rate (1e-2) is tuned for that scale. The guarded init functions skip tensors
+        # that were loaded from a checkpoint.
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=1.0)
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            bound = 1 / math.sqrt(module.in_features)
+            init.uniform_(module.bias, -bound, bound)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -275,13 +278,15 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         on a base checkpoint): it starts from its initialisation, as in the original.
         """
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        tolerate_shapes = kwargs.pop("ignore_mismatched_sizes", False)
+        # transformers only logs which tensor is mis-shaped before raising; load tolerantly and name it ourselves.
+        model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         missing = sorted(k for k in info.get("missing_keys", ()) if ".prefix_encoder." not in f".{k}")
-        mismatched = info.get("mismatched_keys", ())
+        mismatched = [] if tolerate_shapes else list(info.get("mismatched_keys", ()))
         if missing or mismatched:
             details = [f"missing tensor {name}" for name in missing]
-            details += [f"tensor {m[0]} has shape {tuple(m[1])}, expected {tuple(m[2])}" for m in mismatched]
-            raise ValueError(f"Checkpoint {args[0] if args else ''} does not match the config: " + "; ".join(details))
+            details += [f"tensor {m[0]} has shape {tuple(m[1])}, the model expects {tuple(m[2])}" for m in mismatched]
+            raise ValueError(f"checkpoint {args[0] if args else ''} does not match the config: " + "; ".join(details))
         return (model, info) if want_info else model
 
 
