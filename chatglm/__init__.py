@@ -1,13 +1,19 @@
 """ChatGLM-6B (v1) on today's transformers: configuration, model and tokenizer, registered with the Auto classes
 locally (no ``trust_remote_code``, no network)."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from .configuration_chatglm import ChatGLMConfig
 from .modeling_chatglm import ChatGLMForConditionalGeneration, ChatGLMModel
+from .tiny import TINY_DIR, resolve_model_dir, tiny
+from .tokenization_chatglm import ChatGLMTokenizer
 
 AutoConfig.register("chatglm", ChatGLMConfig, exist_ok=True)
 AutoModel.register(ChatGLMConfig, ChatGLMModel, exist_ok=True)
 AutoModelForCausalLM.register(ChatGLMConfig, ChatGLMForConditionalGeneration, exist_ok=True)
+AutoTokenizer.register(ChatGLMConfig, slow_tokenizer_class=ChatGLMTokenizer, exist_ok=True)
 
-__all__ = ["ChatGLMConfig", "ChatGLMModel", "ChatGLMForConditionalGeneration"]
+__all__ = [
+    "ChatGLMConfig", "ChatGLMModel", "ChatGLMForConditionalGeneration", "ChatGLMTokenizer",
+    "TINY_DIR", "resolve_model_dir", "tiny",
+]

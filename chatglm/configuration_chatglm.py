@@ -54,7 +54,8 @@ class ChatGLMConfig(PretrainedConfig):
         super().__post_init__(**kwargs)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads ({self.num_attention_heads})"
+                f"hidden_size ({self.hidden_size}) must be a multiple of "
+                f"num_attention_heads ({self.num_attention_heads})"
             )
         head_dim = self.hidden_size // self.num_attention_heads
         if self.position_encoding_2d and head_dim % 4:

@@ -448,14 +448,10 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         history = list(history or [])
         inputs = tokenizer([chat_prompt(query, history)], return_tensors="pt").to(self.device)
         processors = LogitsProcessorList([SafeScoresProcessor(tokenizer)])
+        if do_sample:
+            generate_kwargs.update(top_p=top_p, temperature=temperature)
         output = self.generate(
-            **inputs,
-            max_length=max_length,
-            do_sample=do_sample,
-            top_p=top_p,
-            temperature=temperature,
-            logits_processor=processors,
-            **generate_kwargs,
+            **inputs, max_length=max_length, do_sample=do_sample, logits_processor=processors, **generate_kwargs
         )
         reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         reply = full_width_punctuation(reply)

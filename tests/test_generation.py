@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_SPECIAL, prompt, tiny_model
 from test_model_invariants import sharpen
 
@@ -48,7 +47,8 @@ def test_batched_left_padded_greedy_equals_one_at_a_time(overrides, impl):
 @pytest.mark.parametrize("kwargs", [{}, {"num_beams": 3}])
 def test_cache_and_no_cache_agree(kwargs):
     model = varied(sharpen(tiny_model(), factor=10.0))
-    assert generate(model, PROMPTS[:2], use_cache=True, **kwargs) == generate(model, PROMPTS[:2], use_cache=False, **kwargs)
+    cached = generate(model, PROMPTS[:2], use_cache=True, **kwargs)
+    assert cached == generate(model, PROMPTS[:2], use_cache=False, **kwargs)
 
 
 def test_sampling_is_reproducible_with_a_seed_and_stops_at_eop():

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_SPECIAL, prompt, tiny_config, tiny_model
 
 from chatglm.modeling_chatglm import build_attention_mask, build_position_ids
-from conftest import TINY_SPECIAL, prompt, tiny_config, tiny_model
 
 S = TINY_SPECIAL
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import shared_path, tiny_model
 
 from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration
-from conftest import shared_path, tiny_model
 
 
 def official_names(num_layers: int) -> set[str]:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import shared_path
 from safetensors.torch import load_file
 
 from chatglm import ChatGLMForConditionalGeneration
-from conftest import shared_path
 
 CASES = ["gmask_train", "batch_right_pad", "mask_middle", "prefix_proj0", "prefix_proj1"]
 

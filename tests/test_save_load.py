@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
+from conftest import prompt, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from chatglm import ChatGLMForConditionalGeneration, ChatGLMModel
-from conftest import prompt, tiny_model
 
 IDS = torch.tensor([prompt([10, 11, 12], [20, 21], eop=True)])
 

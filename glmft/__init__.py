@@ -1,0 +1,1 @@
+"""Shared core of the ChatGLM-6B fine-tuning suite."""
