@@ -24,15 +24,14 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+from glmft.data import DEFAULT_PROMPT
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "data"
 SOURCES = [DATA / "sample_train.jsonl", DATA / "sample_test.jsonl"]
 
-# The training scripts' default prompt; "\\n" is a literal backslash-n, exactly as the seed scripts have it.
-PROMPT = (
-    '你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
-    '三元组内部用"_"连接，三元组之间用\\n分割。文本：'
-)
+# The training scripts' default prompt has one home, glmft.data (the module that owns the prompt layout).
+PROMPT = DEFAULT_PROMPT
 
 NEWLINE = "<n>"
 GLM_SPECIALS = ["[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>"]

@@ -1,0 +1,100 @@
+"""Command-line options as dataclasses: one home per value, a help line per field, real booleans (--x / --no-x)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from glmft.data import DEFAULT_PROMPT
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with its command-line help."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainArgs:
+    train_path: str = opt("data/sample_train.jsonl", "JSON-lines training file ({text, answer} or {instruction, "
+                          "input, output} per line)")
+    model_dir: str = opt("tiny", "local ChatGLM-6B directory (THUDM/chatglm-6b layout), or 'tiny' for the bundled "
+                         "random CPU stand-in")
+    output_dir: str = opt("", "where checkpoints and TensorBoard runs go (default: output/<method>)")
+    num_train_epochs: int = opt(1, "passes over the training data")
+    max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
+    train_batch_size: int = opt(2, "micro-batch size per device")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step (DeepSpeed accumulates)")
+    learning_rate: float | None = opt(None, "peak learning rate (default: the method's own, see --help epilog)")
+    warmup_ratio: float = opt(0.1, "share of optimizer steps spent warming the learning rate up from 0")
+    weight_decay: float = opt(0.1, "AdamW weight decay")
+    max_len: int = opt(768, "longest training sequence in tokens (prompt + text + answer + 3 special tokens)")
+    max_src_len: int = opt(450, "longest prompt + text in tokens; the answer gets what is left of max_len")
+    prompt_text: str = opt(DEFAULT_PROMPT, "instruction put before each {text, answer} record's text")
+    seed: int = opt(1234, "random seed (data order, dropout, new parameters)")
+    log_steps: int = opt(10, "optimizer steps between TensorBoard points and progress-bar updates")
+    save_steps: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30%% slower")
+    deepspeed_config: str = opt("ds_config.json", "DeepSpeed engine settings (ZeRO stage, precision, clipping)")
+    resume: bool = opt(False, "continue from the latest checkpoint in output_dir (optimizer, scheduler, data "
+                       "position and RNG included)")
+    dry_run: bool = opt(False, "build the model on the meta device from config.json, print the parameter report, "
+                        "exit")
+    local_rank: int = opt(-1, "set by the deepspeed launcher")
+
+    def __post_init__(self) -> None:
+        if self.max_src_len >= self.max_len - 3:
+            raise ValueError(f"--max_src_len ({self.max_src_len}) must be below --max_len - 3 ({self.max_len - 3}): "
+                             "the answer needs room after the prompt and the 3 special tokens")
+        for name in ("num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "log_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps < 0 or self.save_steps < 0:
+            raise ValueError("--max_steps and --save_steps must be 0 or positive")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+
+def _field_type(tp: Any) -> type:
+    """The concrete type of an annotation like ``float | None``."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        tp = next(t for t in typing.get_args(tp) if t is not type(None))
+    return tp
+
+
+def add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str) -> None:
+    group = parser.add_argument_group(title)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = _field_type(hints[f.name])
+        help_text = f.metadata.get("help", "")
+        if tp is bool:
+            group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_text)
+        else:
+            shown = "" if f.default in (None, "") else " (default: %(default)s)"
+            group.add_argument(f"--{f.name}", type=tp, default=f.default, help=help_text + shown)
+
+
+def parse(tuner: types.ModuleType, argv: list[str] | None = None) -> tuple[TrainArgs, Any]:
+    """Parse the shared training options plus ``tuner.Args``; invalid combinations fail with a readable message."""
+    parser = argparse.ArgumentParser(
+        description=tuner.__doc__.strip().splitlines()[0],
+        epilog=f"The {tuner.NAME} method's default learning rate is {tuner.DEFAULT_LR}.",
+    )
+    add_dataclass(parser, TrainArgs, "training")
+    add_dataclass(parser, tuner.Args, f"{tuner.NAME} method")
+    ns = vars(parser.parse_args(argv))
+    try:
+        train = TrainArgs(**{f.name: ns[f.name] for f in dataclasses.fields(TrainArgs)})
+        method = tuner.Args(**{f.name: ns[f.name] for f in dataclasses.fields(tuner.Args)})
+    except ValueError as err:
+        parser.error(str(err))
+    if not train.output_dir:
+        train.output_dir = f"output/{tuner.NAME}"
+    if train.learning_rate is None:
+        train.learning_rate = tuner.DEFAULT_LR
+    return train, method
