@@ -79,6 +79,17 @@ def add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str) -> Non
             group.add_argument(f"--{f.name}", type=tp, default=f.default, help=help_text + shown)
 
 
+def parse_one(cls: type, description: str, argv: list[str] | None = None, epilog: str | None = None) -> Any:
+    """Parse a single options dataclass (the predict scripts' options)."""
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    add_dataclass(parser, cls, "options")
+    ns = vars(parser.parse_args(argv))
+    try:
+        return cls(**ns)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def parse(tuner: types.ModuleType, argv: list[str] | None = None) -> tuple[TrainArgs, Any]:
     """Parse the shared training options plus ``tuner.Args``; invalid combinations fail with a readable message."""
     parser = argparse.ArgumentParser(

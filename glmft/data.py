@@ -44,6 +44,7 @@ class Record:
     target: str  # the answer text (triples joined by "\n"); may be ""
     path: str
     line: int  # 1-based line number in the file
+    text: str = ""  # the record's own input (without the prompt or instruction), for reports
 
 
 def _fields(obj: object, where: str) -> tuple[str, dict[str, str]]:
@@ -64,15 +65,15 @@ def _fields(obj: object, where: str) -> tuple[str, dict[str, str]]:
     return layout, {key: obj[key] for key in LAYOUTS[layout]}
 
 
-def _parse(raw: str, where: str, prompt_text: str) -> tuple[str, str]:
+def _parse(raw: str, where: str, prompt_text: str) -> tuple[str, str, str]:
     try:
         obj = json.loads(raw)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err})") from None
     layout, f = _fields(obj, where)
     if layout == "v0.1":
-        return prompt_text + f["text"], f["answer"]
-    return f["instruction"] + f["input"], f["output"]
+        return prompt_text + f["text"], f["answer"], f["text"]
+    return f["instruction"] + f["input"], f["output"], f["input"]
 
 
 def _read(path: str | Path, prompt_text: str) -> tuple[list[Record], int]:
@@ -93,8 +94,8 @@ def _read(path: str | Path, prompt_text: str) -> tuple[list[Record], int]:
         if not raw.strip():
             blank += 1
             continue
-        source, target = _parse(raw, where, prompt_text)
-        records.append(Record(source, target, str(path), number))
+        source, target, text = _parse(raw, where, prompt_text)
+        records.append(Record(source, target, str(path), number, text))
     if not records:
         raise DataError(f"{path}:{max(len(rows), 1)}: no records in the file ({blank} blank lines)")
     return records, blank
