@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT
 
 import chatglm
 from chatglm.modeling_chatglm import SafeScoresProcessor
-from conftest import ROOT
 from glmft import checkpoint, predict
 from glmft.args import TrainArgs
 from glmft.data import read_records, record_prompt_ids
