@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import resource
 import sys
@@ -36,6 +37,7 @@ class Monitor:
 
     def __init__(self, rank: int, output_dir: Path, total_steps: int, start_step: int, run_name: str):
         self.active = rank == 0
+        self.history: list[dict[str, float]] = []  # every logged point, for train_summary.json
         self.bar = None
         self.writer = None
         self.start = time.perf_counter()
@@ -51,13 +53,23 @@ class Monitor:
             return
         self.bar.update(1)
         if scalars:
+            wall = time.perf_counter() - self.start
             for name, value in scalars.items():
                 self.writer.add_scalar(name, value, step)
-            self.writer.add_scalar("train/wall_s", time.perf_counter() - self.start, step)
+            self.writer.add_scalar("train/wall_s", wall, step)
+            self.history.append({"step": step, "wall_s": wall, **scalars})
             self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
                                  tok_s=f"{scalars['train/tokens_per_s']:.0f}")
 
-    def close(self) -> None:
-        if self.active:
-            self.bar.close()
-            self.writer.close()
+    def close(self, path: Path | None = None, extra: dict | None = None) -> None:
+        """Close the bar and writer; with ``path``, also write the run's summary (what compare.py reads)."""
+        if not self.active:
+            return
+        self.bar.close()
+        self.writer.close()
+        if path is not None and self.history:
+            losses = [h["train/loss"] for h in self.history]
+            summary = {**(extra or {}), "wall_seconds": time.perf_counter() - self.start, "final_loss": losses[-1],
+                       "best_loss": min(losses), "peak_mem_gb": max(h["train/peak_mem_gb"] for h in self.history),
+                       "history": self.history}
+            path.write_text(json.dumps(summary, indent=2) + "\n")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from glmft import checkpoint
 from glmft.args import TrainArgs
 from glmft.data import SupervisedDataset, collate
-from glmft.model import build_model, load_tokenizer, model_path, parameter_report
+from glmft.model import build_model, count_parameters, load_tokenizer, model_path, parameter_report
 from glmft.monitor import Monitor, log, peak_memory_gb, setup_logging
 
 # Values the script owns: a number written in ds_config.json for one of these would be a second home for it.
@@ -176,16 +176,20 @@ def run(train: TrainArgs, method_args, tuner: types.ModuleType) -> Path | None:
              train.train_batch_size * train.gradient_accumulation_steps * world, total, dataset.summary())
     log.info("%s", parameter_report(model))
     position = resume_state(engine, train) if train.resume else {"step": 0, "epoch": 0, "batch": 0}
+    trainable, all_params = count_parameters(model)
+    info = {"method": tuner.NAME, "description": tuner.describe(method_args), "trainable_params": trainable,
+            "all_params": all_params, "dtype": str(train_dtype(config)), "world_size": world}
     loop(engine, loader, sampler, dataset, train, total, position,
-         save=partial(save_checkpoint, engine, train, method_args, tuner, overrides), run_name=tuner.NAME)
+         save=partial(save_checkpoint, engine, train, method_args, tuner, overrides), info=info)
     return checkpoint.latest(train.output_dir)
 
 
-def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, run_name: str):
+def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict):
     """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log and save on optimizer steps."""
     step, epoch, skip = position["step"], position["epoch"], position["batch"]
-    monitor = Monitor(dist.get_rank(), Path(train.output_dir), total, step, run_name)
+    monitor = Monitor(dist.get_rank(), Path(train.output_dir), total, step, info["method"])
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, real tokens since the last log
+    seen = torch.zeros(2, dtype=torch.float64)  # samples and real tokens trained on by this run (all ranks)
     tick = time.perf_counter()
     while step < total and (train.max_steps or epoch < train.num_train_epochs):
         sampler.set_epoch(epoch)
@@ -205,7 +209,9 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
             engine.backward(loss)
             before = engine.global_steps
             engine.step()
-            window += torch.tensor([loss.item(), 1.0, batch["attention_mask"].sum().item()], dtype=torch.float64)
+            tokens = batch["attention_mask"].sum().item()
+            window += torch.tensor([loss.item(), 1.0, tokens], dtype=torch.float64)
+            seen += torch.tensor([batch["input_ids"].shape[0], tokens], dtype=torch.float64)
             if engine.global_steps == before:
                 continue
             step += 1
@@ -225,4 +231,8 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
             if done:
                 break
         epoch, skip = epoch + 1, 0
-    monitor.close()
+    dist.all_reduce(seen)
+    wall = time.perf_counter() - monitor.start
+    monitor.close(Path(train.output_dir) / "train_summary.json",
+                  {**info, "steps": step, "samples": int(seen[0]), "tokens": int(seen[1]),
+                   "samples_per_s": seen[0].item() / wall, "tokens_per_s": seen[1].item() / wall})
