@@ -11,11 +11,13 @@ original implementation computes; the facts it keeps are in ``shared/spec/chatgl
   that follows the original formula step by step (``attn_implementation="eager"``);
 - the KV cache is a transformers ``Cache``; the P-Tuning v2 prefix is concatenated inside attention and never
   enters the cache, so cache lengths count real tokens only;
-- no parameter is frozen in here: fine-tuning methods freeze from outside.
+- no parameter is frozen in here: fine-tuning methods freeze from outside (the one exception: INT8/INT4 layers,
+  whose integers, scales and biases never require grad, as in the original; see ``quantization.py``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -31,6 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import can_return_tuple
 
 from .configuration_chatglm import ChatGLMConfig
+from .quantization import QuantizedLinear, freeze_quantized, quantize_model
 
 # The original's masked score before its fp32 softmax; exp(-10000 * c - max) is exactly 0 in fp32, so a boolean
 # mask (SDPA) gives the same probabilities for every row that has at least one visible key.
@@ -152,6 +155,13 @@ def build_attention_mask(
 # ----------------------------------------------------------------------------------------------------------------
 # Blocks
 # ----------------------------------------------------------------------------------------------------------------
+def layer_linear(config: ChatGLMConfig, in_features: int, out_features: int) -> nn.Module:
+    """One of a layer's four matrices: ``nn.Linear``, or its frozen INT8/INT4 form when ``quantization_bit`` is set."""
+    if config.quantization_bit:
+        return QuantizedLinear(in_features, out_features, config.quantization_bit)
+    return nn.Linear(in_features, out_features)
+
+
 class PrefixEncoder(nn.Module):
     """P-Tuning v2 prefix: per-layer past keys/values for ``pre_seq_len`` virtual tokens (original key names)."""
 
@@ -181,8 +191,8 @@ class ChatGLMAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.n_kinds = 2 if config.position_encoding_2d else 1
-        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size)
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.query_key_value = layer_linear(config, config.hidden_size, 3 * config.hidden_size)
+        self.dense = layer_linear(config, config.hidden_size, config.hidden_size)
 
     def forward(self, x, cos, sin, mask, prefix_key, prefix_value, cache: Cache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -217,8 +227,8 @@ class ChatGLMAttention(nn.Module):
 class ChatGLMMLP(nn.Module):
     def __init__(self, config: ChatGLMConfig):
         super().__init__()
-        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.inner_hidden_size)
-        self.dense_4h_to_h = nn.Linear(config.inner_hidden_size, config.hidden_size)
+        self.dense_h_to_4h = layer_linear(config, config.hidden_size, config.inner_hidden_size)
+        self.dense_4h_to_h = layer_linear(config, config.inner_hidden_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The original's gelu is the tanh approximation.
@@ -258,6 +268,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, QuantizedLinear):
+            return  # integers and scales come from a checkpoint or quantize_model; never normal_-init int8
         if not getattr(module, "_torch_default_init", False):
             super()._init_weights(module)
         # The original leaves the prefix encoder at PyTorch's defaults (embedding N(0, 1), Linear Kaiming-uniform);
@@ -276,9 +288,17 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
         The one tensor allowed to be absent is a new P-Tuning prefix encoder (``pre_seq_len`` set as an override
         on a base checkpoint): it starts from its initialisation, as in the original.
+
+        ``quantization_bit=4`` or ``8`` (an override, or in ``config``) on a float checkpoint quantizes while
+        loading: the float model is loaded and checked as usual, then its matrices are quantized one at a time,
+        each float weight freed as soon as it is replaced (peak: the float model plus one quantized matrix). We do
+        not hook transformers' loader to quantize tensor by tensor: its quantizer API is internal and has changed
+        between major versions, and loading in full first keeps the strict key check above unchanged.
+        A checkpoint that is already quantized (``quantization_bit`` in its config.json) loads its integers as is.
         """
         want_info = kwargs.pop("output_loading_info", False)
         tolerate_shapes = kwargs.pop("ignore_mismatched_sizes", False)
+        quantize_to = cls._quantize_on_load(args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs)
         # transformers only logs which tensor is mis-shaped before raising; load tolerantly and name it ourselves.
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         missing = sorted(k for k in info.get("missing_keys", ()) if ".prefix_encoder." not in f".{k}")
@@ -287,7 +307,31 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             details = [f"missing tensor {name}" for name in missing]
             details += [f"tensor {m[0]} has shape {tuple(m[1])}, the model expects {tuple(m[2])}" for m in mismatched]
             raise ValueError(f"checkpoint {args[0] if args else ''} does not match the config: " + "; ".join(details))
+        if quantize_to:
+            quantize_model(model, quantize_to)
+        freeze_quantized(model)
         return (model, info) if want_info else model
+
+    @classmethod
+    def _quantize_on_load(cls, path, kwargs: dict) -> int:
+        """The bits to quantize a float checkpoint to after loading it (0: load as stored); edits ``kwargs`` so
+        that the float model is the one built."""
+        config = kwargs.get("config")
+        wanted = kwargs.pop("quantization_bit", getattr(config, "quantization_bit", None))
+        if wanted is None:
+            return 0
+        hub = {k: kwargs[k] for k in ("cache_dir", "revision", "subfolder", "token", "local_files_only") if k in kwargs}
+        stored = cls.config_class.from_pretrained(path, **hub).quantization_bit
+        if stored == wanted:
+            if config is None:
+                kwargs["quantization_bit"] = wanted
+            return 0
+        if stored:
+            raise ValueError(f"{path} stores INT{stored} weights: it cannot be loaded with quantization_bit={wanted}")
+        if config is not None:
+            kwargs["config"] = copy.deepcopy(config)
+            kwargs["config"].quantization_bit = 0
+        return wanted
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -295,10 +339,8 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
 
     def __init__(self, config: ChatGLMConfig):
         super().__init__(config)
-        if config.quantization_bit:
-            raise ValueError(
-                f"quantization_bit={config.quantization_bit}: quantized ChatGLM checkpoints are not supported yet"
-            )
+        if config.quantization_bit and config.quantization_embeddings:
+            raise ValueError("quantized embeddings (quantization_embeddings=true) are not supported")
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(ChatGLMBlock(config, i) for i in range(config.num_layers))
         self.final_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layernorm_epsilon)
