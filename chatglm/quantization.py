@@ -233,3 +233,14 @@ def quantize_model(model: nn.Module, bits: int) -> nn.Module:
     if config is not None:
         config.quantization_bit = bits
     return model
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` holds integer weights."""
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def quantized_parameter_names(model: nn.Module) -> set[str]:
+    """Names of every tensor owned by a quantized layer (integers, scales and biases: all stay fixed)."""
+    return {f"{name}.{p}" for name, module in model.named_modules() if isinstance(module, QuantizedLinear)
+            for p, _ in module.named_parameters(recurse=False)}

@@ -37,6 +37,8 @@ class TrainArgs:
     seed: int = opt(1234, "random seed (data order, dropout, new parameters)")
     log_steps: int = opt(10, "optimizer steps between TensorBoard points and progress-bar updates")
     save_steps: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
+    quantization_bit: int = opt(0, "quantize the base model's layer matrices to 4 or 8 bits while loading (0: as "
+                                "stored; a chatglm-6b-int4 directory is INT4 already)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30%% slower")
     deepspeed_config: str = opt("ds_config.json", "DeepSpeed engine settings (ZeRO stage, precision, clipping)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir (optimizer, scheduler, data "
@@ -54,6 +56,8 @@ class TrainArgs:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps < 0 or self.save_steps < 0:
             raise ValueError("--max_steps and --save_steps must be 0 or positive")
+        if self.quantization_bit not in (0, 4, 8):
+            raise ValueError(f"--quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
 

@@ -64,7 +64,8 @@ def parameter_report(model: nn.Module) -> str:
             entry[1] += p.numel()
             if (m := _LAYER.search(name)) is not None:
                 entry[2].append(int(m.group(1)))
-    rows = [summary_line(model), "what trains:"]
+    trainable, total = count_parameters(model)
+    rows = [summary_line(model), f"  ({trainable / 1e9:.3f}B trainable of {total / 1e9:.3f}B)", "what trains:"]
     width = max((len(k) for k in groups), default=0) + 8
     for key, (n, numel, layers) in groups.items():
         name = key.replace(".layers.*.", f".layers.{_layer_span(layers)}.") if layers else key

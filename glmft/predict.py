@@ -18,6 +18,7 @@ from tqdm import tqdm
 from transformers import LogitsProcessorList
 
 from chatglm.modeling_chatglm import SafeScoresProcessor
+from chatglm.quantization import is_quantized
 from glmft import checkpoint, metrics
 from glmft.args import opt
 from glmft.data import read_records, record_prompt_ids
@@ -71,7 +72,10 @@ def load(args: PredictArgs, tuner: types.ModuleType, device: torch.device):
     model = tuner.apply(build_model(model_dir, dtype, meta.get("model_overrides", {})), method_args)
     checkpoint.load_weights(model, ckpt, tuner)
     if args.merge and hasattr(tuner, "merge"):
-        model = tuner.merge(model)
+        if is_quantized(model):
+            print("quantized base: the LoRA adapter stays unmerged (merging into INT4/INT8 would lose its precision)")
+        else:
+            model = tuner.merge(model)
     return model.to(device).eval(), tokenizer, ckpt, meta
 
 

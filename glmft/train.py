@@ -85,6 +85,8 @@ def train_dtype(config: dict) -> torch.dtype:
 
 def prepare_model(train: TrainArgs, method_args, tuner: types.ModuleType, dtype: torch.dtype, meta: bool = False):
     overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+    if train.quantization_bit:
+        overrides["quantization_bit"] = train.quantization_bit
     model = tuner.apply(build_model(train.model_dir, dtype, overrides, meta=meta), method_args)
     return model, overrides
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from chatglm.quantization import quantized_parameter_names
 from glmft.args import opt
 from glmft.tuners.base import enable, freeze_all
 
@@ -55,7 +56,9 @@ def apply(model: nn.Module, args: Args) -> nn.Module:
     layers = chosen_layers(args, model.config.num_layers)
     prefixes = tuple(f"transformer.layers.{i}." for i in layers)
     parts = PARTS[args.trainable_part]
-    # Only floating-point tensors can learn: on a quantized base the packed int weights stay fixed.
+    # On an INT4/INT8 base the quantized layers (integers, scales, biases) stay fixed and only the float tensors
+    # of the chosen layers (their layernorms) train, as in the seeds' INT4 run.
+    fixed = quantized_parameter_names(model)
     enable(p for n, p in model.named_parameters()
-           if n.startswith(prefixes) and any(part in n for part in parts) and p.is_floating_point())
+           if n.startswith(prefixes) and any(part in n for part in parts) and n not in fixed)
     return model

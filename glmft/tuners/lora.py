@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from safetensors.torch import load_file
 from torch import nn
 
+from chatglm.quantization import QuantizedLinear, is_quantized
 from glmft.args import opt
 from glmft.tuners.base import freeze_all
 
@@ -48,11 +51,19 @@ def apply(model: nn.Module, args: Args) -> nn.Module:
         task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         target_modules=args.targets(), bias="none",
     )
-    return get_peft_model(model, config)
+    # PEFT's custom-module hook: on an INT4/INT8 base, a LoRA layer wraps our QuantizedLinear (the adapter stays
+    # fp32 and adds its low-rank update to the dequantized matmul's output).
+    config._register_custom_module({QuantizedLinear: LoraLinear})
+    with warnings.catch_warnings():  # PEFT warns about any registered custom layer; this one is ours and tested
+        warnings.filterwarnings("ignore", message="Unsupported layer type", category=UserWarning)
+        return get_peft_model(model, config)
 
 
 def merge(model: PeftModel) -> nn.Module:
     """Fold the adapters into the base weights (same outputs, no adapter overhead at inference)."""
+    if is_quantized(model):
+        raise ValueError("LoRA cannot be merged into an INT4/INT8 base: the update would be rounded into the integer "
+                         "grid and most of what the adapter learnt would be lost; keep the adapter unmerged")
     return model.merge_and_unload()
 
 
