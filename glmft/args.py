@@ -35,6 +35,9 @@ class TrainArgs:
     max_src_len: int = opt(450, "longest prompt + text in tokens; the answer gets what is left of max_len")
     prompt_text: str = opt(DEFAULT_PROMPT, "instruction put before each {text, answer} record's text")
     seed: int = opt(1234, "random seed (data order, dropout, new parameters)")
+    tensorboard_dir: str = opt("", "TensorBoard log root (default: <output_dir>/runs); compare.py puts every run in "
+                               "one root so the curves overlay")
+    run_name: str = opt("", "this run's name under the TensorBoard root (default: the method name)")
     log_steps: int = opt(10, "optimizer steps between TensorBoard points and progress-bar updates")
     save_steps: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
     quantization_bit: int = opt(0, "quantize the base model's layer matrices to 4 or 8 bits while loading (0: as "

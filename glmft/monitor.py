@@ -35,7 +35,7 @@ def peak_memory_gb() -> float:
 class Monitor:
     """Progress bar and TensorBoard writer on rank 0; a no-op elsewhere."""
 
-    def __init__(self, rank: int, output_dir: Path, total_steps: int, start_step: int, run_name: str):
+    def __init__(self, rank: int, log_dir: Path, total_steps: int, start_step: int):
         self.active = rank == 0
         self.history: list[dict[str, float]] = []  # every logged point, for train_summary.json
         self.bar = None
@@ -44,7 +44,7 @@ class Monitor:
         if self.active:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "runs" / run_name))
+            self.writer = SummaryWriter(log_dir=str(log_dir))
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step(self, step: int, scalars: dict[str, float] | None) -> None:

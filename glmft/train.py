@@ -189,7 +189,8 @@ def run(train: TrainArgs, method_args, tuner: types.ModuleType) -> Path | None:
 def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict):
     """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log and save on optimizer steps."""
     step, epoch, skip = position["step"], position["epoch"], position["batch"]
-    monitor = Monitor(dist.get_rank(), Path(train.output_dir), total, step, info["method"])
+    board = Path(train.tensorboard_dir or Path(train.output_dir) / "runs") / (train.run_name or info["method"])
+    monitor = Monitor(dist.get_rank(), board, total, step)
     window = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, real tokens since the last log
     seen = torch.zeros(2, dtype=torch.float64)  # samples and real tokens trained on by this run (all ranks)
     tick = time.perf_counter()
