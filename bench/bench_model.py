@@ -10,6 +10,7 @@ fine-tuning data is (-100 on the prompt, the answer labelled); ``--answer_fracti
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ def parse() -> argparse.Namespace:
 def make_batch(config: ChatGLMConfig, batch: int, seq: int, answer_fraction: float):
     """Random text, then [gMASK] <sop> and an answer, as the fine-tuning data lays it out."""
     g = torch.Generator().manual_seed(0)
-    answer = max(1, int(seq * answer_fraction))
+    answer = min(seq - 2, max(1, int(seq * answer_fraction)))  # 1.0: [gMASK] <sop> first, every later token labelled
     ids = torch.randint(10, min(config.vocab_size, 130000), (batch, seq), generator=g)
     ctx = seq - answer
     ids[:, ctx - 2] = config.gmask_token_id
@@ -51,14 +52,15 @@ def make_batch(config: ChatGLMConfig, batch: int, seq: int, answer_fraction: flo
 
 
 def time_training(model, ids, labels, steps: int) -> float:
+    """Median seconds of a training step (forward with labels + backward) after one warm-up step."""
     model.train()
-    for step in range(steps + 1):
-        if step == 1:
-            start = time.perf_counter()
-        loss = model(ids, labels=labels, logits_to_keep=1).loss
-        loss.backward()
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        model(ids, labels=labels, logits_to_keep=1).loss.backward()
         model.zero_grad(set_to_none=True)
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
 
 
 @torch.inference_mode()
