@@ -201,11 +201,15 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
                 continue  # resuming: these micro-batches were trained before the checkpoint
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch, logits_to_keep=1).loss
-            if not torch.isfinite(loss):
+            # Every rank learns of a non-finite loss on any rank, so all stop together (none hangs in a collective).
+            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+            if bad.item():
                 lines = [dataset.records[i].line for i in list(sampler)[batch_index * train.train_batch_size:][
                     : train.train_batch_size]]
                 raise NonFiniteLoss(
-                    f"loss is {loss.item()} at step {step + 1} (epoch {epoch}, batch {batch_index}, records on lines "
+                    f"loss is {loss.item()} on rank {dist.get_rank()} (non-finite on at least one rank) at step "
+                    f"{step + 1} (epoch {epoch}, batch {batch_index}, this rank's records on lines "
                     f"{lines} of {train.train_path}). The run diverged: lower --learning_rate (now "
                     f"{train.learning_rate:g}); under fp16, activations may overflow: try bf16 in "
                     f"{train.deepspeed_config}. Nothing was saved from this step.")
