@@ -146,3 +146,25 @@ def test_freeze_all_leaves_nothing_trainable():
 def test_freeze_args_reject_nonsense(bad):
     with pytest.raises(ValueError):
         TUNERS["freeze"].Args(**bad)
+
+
+@pytest.mark.parametrize("case", ["lora", "pt", "freeze"])
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(case, reentrant, batch):
+    """The input-requires-grad trap: with re-entrant checkpointing and a frozen embedding, nothing inside a
+    checkpointed layer would get a gradient unless the model makes the layer input require grad."""
+    grads = []
+    for checkpointing in (False, True):
+        _, _, model = prepared(case)
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # the same masks with and without recomputation
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model(**batch).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert grads[1][name] is not None, f"no gradient reached {name} under checkpointing"
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
