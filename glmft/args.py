@@ -81,6 +81,8 @@ def add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str) -> Non
         if tp is bool:
             group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default,
                                help=help_text)
+        elif typing.get_origin(tp) in (list, tuple):  # a repeatable option; the dataclass gets a list
+            group.add_argument(f"--{f.name}", action="append", default=list(f.default), help=help_text)
         else:
             shown = "" if f.default in (None, "") else " (default: %(default)s)"
             group.add_argument(f"--{f.name}", type=tp, default=f.default, help=help_text + shown)

@@ -1,0 +1,18 @@
+"""Compare the fine-tuning methods on one data split with one set of shared options; write the report.
+
+Every method runs through the same scripts the user runs (training launched with ``deepspeed --num_gpus N
+finetuning_<method>.py``, prediction with ``predict_<method>.py``, greedy decoding)::
+
+    python compare.py --model_dir /models/chatglm-6b --train_path ../shared/data/spo/spo_0.json \\
+        --test_path ../shared/data/spo/spo_1.json --methods freeze,embedding,pt,pt_noproj,lora \\
+        --num_train_epochs 5 --train_batch_size 2 --seeds 1,2,3 --output_dir results/
+
+writes results/comparison.{md,csv,json}, loss_curves.png and f1_vs_memory.png, with every run's TensorBoard log
+under results/runs (``tensorboard --logdir results/runs``). ``--dry_run`` prints the parameter table and a memory
+estimate per method instead. Options: ``python compare.py --help``.
+"""
+
+from glmft import args, compare
+
+if __name__ == "__main__":
+    compare.run(args.parse_one(compare.CompareArgs, __doc__.splitlines()[0]))

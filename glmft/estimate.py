@@ -1,0 +1,193 @@
+"""Per-GPU memory estimate for training one method (``compare.py --dry_run``), before any weight is loaded.
+
+Sizes are bytes, printed in GiB (2^30 bytes: what ``torch.cuda.max_memory_allocated`` and nvidia-smi count, and what
+``train_summary.json``'s ``peak_mem_gb`` holds). Symbols: b micro-batch, s = max_len (a batch may be padded to the
+longest allowed sequence), h hidden size, f MLP inner size, a attention heads, L layers, V vocabulary, P_t trainable
+parameters, N world size (GPUs), p P-Tuning prefix length.
+
+1. Weights, exact, counted on the model built on the meta device: 2 bytes per float parameter (fp16 training;
+   DeepSpeed casts the LoRA adapters to fp16 too); an INT4/INT8 base stores its layer matrices as int8 tensors
+   (1 byte per element; INT4 packs two weights per element) plus fp16 scales (2 bytes per output row).
+   ZeRO-3 divides them by N; lower stages keep a full copy on every GPU.
+2. Trainable states, mixed-precision Adam, per trainable parameter: fp16 gradient 2 B + fp32 master copy 4 B +
+   Adam m and v 8 B = 14 B (16 B with its fp16 weight, item 1). ZeRO-1 partitions master + m + v (12 B) across N,
+   ZeRO-2 also the gradients; stage 0 partitions nothing. (The seeds offloaded master + m + v to the CPU; our
+   ds_config.json does not.)
+3. Activations kept for backward, fp16 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+   Transformer Models", eq. 1 without tensor or sequence parallelism): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes.
+   The 34 sbh are attention 11 sbh (QKV input, Q, K, V, softmax-times-V input, output-dropout mask), MLP 19 sbh
+   (input 2, h->4h output 8, GeLU output 8, dropout mask 1) and two layernorm inputs 4 sbh; the 5 a s^2 b are the
+   softmax output (2), the attention-dropout mask (1) and its output (2). With the MLP's inner size f in place of
+   4h the per-layer term is ``s*b*(18h + 4f) + 5*a*s*s_k*b``, the same number for ChatGLM (f = 4h); s_k is the
+   key length, s + p with a P-Tuning prefix.
+   It is an upper bound for our model. Measured with ``saved_activation_bytes`` (one chatglm-6b-sized layer, b = 2,
+   s = 768, CPU): a layer whose weights train (freeze) keeps 36 sbh, a LoRA layer 28 sbh, a frozen layer the
+   gradient only passes through 24 sbh (a frozen matmul keeps no copy of its input), and SDPA's fused kernels keep
+   no [b, a, s, s] tensor, so the 5 a s^2 b term (30 sbh at s = 768) is not spent at all.
+   Which layers keep activations: those from the lowest layer where a trainable parameter enters up to the top,
+   since nothing below it needs a gradient. Freeze (last N layers trainable) keeps N; LoRA (an adapter in every
+   layer), P-Tuning (a prefix into every layer) and embedding (the input end) keep all L. This is read from
+   ``requires_grad`` on the meta model, not from the method's name.
+   With full activation checkpointing each kept layer stores only its input, 2 sbh, and backward recomputes one
+   layer at a time: + one layer's full activations.
+4. Loss head: our model runs the output layer on the labelled positions only, at most n = max_len - max_src_len
+   answer tokens per sequence (assumed all present): ``b * n * V * (2 + 4 + 4)`` bytes for the fp16 logits, their
+   fp32 copy for the cross-entropy and its fp32 gradient. (The original materialised all [b, s, V] logits in
+   fp16 and in fp32, 1.1 GiB at b = 2, s = 768, before the cross-entropy's own fp32 buffers.)
+5. A fixed 1 GiB allowance for the CUDA context, cuBLAS workspaces and allocator slack (stated, not measured).
+
+Not modelled: DeepSpeed's communication buckets (reduce/all-gather, with N > 1), the transient fp16 copy of one
+dequantized matrix in an INT4/INT8 matmul (0.13 GiB for chatglm-6b's largest), temporary buffers of the optimizer
+step, and fragmentation (nvidia-smi shows the allocator's reserved memory, which exceeds the allocated peak).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from glmft.model import build_model
+
+GIB = 2**30
+CONTEXT_BYTES = 1 * GIB
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """The training shape the estimate is for."""
+
+    batch: int
+    max_len: int
+    max_src_len: int
+    zero_stage: int = 1
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One method's parameter counts and memory parts, in bytes."""
+
+    trainable: int
+    total: int
+    weights: int
+    states: int
+    layers_kept: int
+    activations: int
+    activations_ckpt: int
+    loss_head: int
+    context: int = CONTEXT_BYTES
+
+    def total_bytes(self, checkpointing: bool) -> int:
+        acts = self.activations_ckpt if checkpointing else self.activations
+        return self.weights + self.states + acts + self.loss_head + self.context
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Stored bytes of every parameter: int8 storage as it is, float parameters as fp16."""
+    return sum(p.numel() * (1 if p.dtype == torch.int8 else 2) for p in model.parameters())
+
+
+def state_bytes(trainable: int, zero_stage: int, world_size: int) -> int:
+    """fp16 gradients + fp32 master weights + Adam m and v, partitioned as ZeRO ``zero_stage`` does."""
+    grads = 2 * trainable / (world_size if zero_stage >= 2 else 1)
+    optimizer = 12 * trainable / (world_size if zero_stage >= 1 else 1)
+    return int(grads + optimizer)
+
+
+def layers_with_activations(model: nn.Module) -> int:
+    """Layers from the lowest one a trainable parameter feeds into, up to the top."""
+    num_layers = model.config.num_layers
+    lowest = num_layers
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            found = _LAYER.search(name)
+            if found:
+                lowest = min(lowest, int(found.group(1)))
+            elif "final_layernorm" not in name:  # word embeddings, prefix encoder: below every layer
+                lowest = 0
+    return num_layers - lowest
+
+
+def layer_activation_bytes(config, batch: int, seq: int) -> int:
+    """One layer's activations kept for backward, fp16 (module docstring, item 3)."""
+    h, f, a = config.hidden_size, config.inner_hidden_size or 4 * config.hidden_size, config.num_attention_heads
+    keys = seq + (config.pre_seq_len or 0)
+    return seq * batch * (18 * h + 4 * f) + 5 * a * seq * keys * batch
+
+
+def estimate(model: nn.Module, setting: Setting) -> Estimate:
+    """Memory per GPU for training ``model`` (tuner applied, built on the meta device) in ``setting``."""
+    config, b, s = model.config, setting.batch, setting.max_len
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    kept = layers_with_activations(model)
+    per_layer = layer_activation_bytes(config, b, s)
+    weights = weight_bytes(model) // (setting.world_size if setting.zero_stage >= 3 else 1)
+    return Estimate(
+        trainable=trainable, total=total, weights=weights,
+        states=state_bytes(trainable, setting.zero_stage, setting.world_size), layers_kept=kept,
+        activations=kept * per_layer,
+        activations_ckpt=kept * 2 * s * b * config.hidden_size + (per_layer if kept else 0),
+        loss_head=b * (setting.max_len - setting.max_src_len) * config.vocab_size * (2 + 4 + 4),
+    )
+
+
+def saved_activation_bytes(model: nn.Module, batch: dict) -> int:
+    """What one forward of ``model`` on ``batch`` really keeps for backward, in fp16 bytes (fp32 tensors count
+    half): every distinct storage autograd saves, the parameters' excluded. A check on item 3 that runs anywhere."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes() // (2 if t.dtype == torch.float32 else 1)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(**batch).loss  # keeps the graph, so no saved storage is freed and reused while counting
+    del loss
+    return sum(saved.values())
+
+
+def report(model_dir: str, methods: list[tuple[str, Any, Any]], quantization_bit: int, setting: Setting) -> str:
+    """The estimate table for (name, tuner, tuner args) triples: each model built from ``model_dir`` (a directory or
+    its config.json) on the meta device with the tuner applied; a method that cannot be built gets its error."""
+    rows: list[tuple[str, Estimate | str]] = []
+    for name, tuner, method_args in methods:
+        overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+        try:
+            model = build_model(model_dir, torch.float16, {**overrides, "quantization_bit": quantization_bit}, True)
+            rows.append((name, estimate(tuner.apply(model, method_args), setting)))
+        except ValueError as err:  # e.g. freeze's default 5 layers on a 2-layer model
+            rows.append((name, str(err)))
+    base = f"INT{quantization_bit}" if quantization_bit else "fp16"
+    return f"{model_dir} ({base} base)\n{markdown_table(rows, setting)}"
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:.2f}"
+
+
+def markdown_table(rows: list[tuple[str, Estimate | str]], setting: Setting) -> str:
+    """One row per method: parameters, then the memory parts and the totals without / with checkpointing (GiB)."""
+    head = ["method", "trainable", "total params", "trainable %", "weights", "train states", "layers kept",
+            "activations", "act. (ckpt)", "loss head", "context", "total GiB", "total (ckpt)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, est in rows:
+        if isinstance(est, str):
+            lines.append(f"| {name} | error: {est} |" + " |" * (len(head) - 2))
+            continue
+        cells = [name, f"{est.trainable:,}", f"{est.total / 1e9:.3f}B", f"{100 * est.trainable / est.total:.4f}%",
+                 _gib(est.weights), _gib(est.states), str(est.layers_kept), _gib(est.activations),
+                 _gib(est.activations_ckpt), _gib(est.loss_head), _gib(est.context),
+                 f"**{_gib(est.total_bytes(False))}**", f"**{_gib(est.total_bytes(True))}**"]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"Per GPU, GiB: batch {setting.batch}, max_len {setting.max_len}, max_src_len {setting.max_src_len}, "
+            f"fp16, ZeRO-{setting.zero_stage}, {setting.world_size} GPU(s); assumptions in glmft/estimate.py.")
+    return "\n".join([note, "", *lines])

@@ -1,0 +1,219 @@
+"""compare.py end to end on the tiny model (all five variants, skip on re-run, --force, a failing method through the
+deepspeed launcher), the memory estimator's invariants, and --dry_run on the real chatglm-6b config."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pytest
+import torch
+from conftest import ROOT, prompt, tiny_model
+
+from chatglm.quantization import quantize_model
+from glmft import compare, estimate, report
+from glmft.tuners import TUNERS
+
+CONFIG = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs" / "chatglm-6b" / "config.json"
+VARIANTS = ["freeze", "embedding", "pt", "pt_noproj", "lora"]
+SEED_COLUMNS = ["显卡占用/memory", "总参数", "可训练参数占比", "训练耗时", "测试结果F1", "测试耗时"]
+SMALL = ["--max_steps", "3", "--log_steps", "1", "--max_len", "96", "--max_src_len", "60", "--max_new_tokens", "4",
+         "--train_batch_size", "2"]
+
+
+def run_compare(*argv: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "compare.py"), *argv], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done, time.perf_counter() - start
+
+
+def table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The comparison table as {method: {column: cell}}."""
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    rows = [[c.strip() for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))] for line in lines[1:]]
+    return {row[0]: dict(zip(head, row, strict=True)) for row in rows}
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    """All five variants once (plain python launcher, to keep the file fast; the deepspeed path runs below)."""
+    tmp = tmp_path_factory.mktemp("compare")
+    for name, n in (("sample_train.jsonl", 6), ("sample_test.jsonl", 3)):
+        (tmp / name).write_text("".join((ROOT / "data" / name).read_text().splitlines(keepends=True)[:n]))
+    argv = ["--model_dir", "tiny", "--train_path", str(tmp / "sample_train.jsonl"), "--test_path",
+            str(tmp / "sample_test.jsonl"), "--methods", ",".join(VARIANTS), "--method_option",
+            "freeze=--num_trainable_layers=1", *SMALL]
+    done, _ = run_compare(*argv, "--output_dir", str(tmp / "results"), "--launcher", "python")
+    return tmp / "results", argv, done.stdout
+
+
+@pytest.mark.slow
+def test_every_variant_runs_and_the_report_is_complete(compared):
+    out, _, stdout = compared
+    for name in ("comparison.md", "comparison.csv", "comparison.json", "loss_curves.png", "f1_vs_memory.png"):
+        assert (out / name).is_file(), name
+    rows = table_rows((out / "comparison.md").read_text())
+    assert list(rows) == VARIANTS
+    head = list(rows["lora"])
+    assert head[1:7] == SEED_COLUMNS and "micro F1" in head and "tokens/s" in head and "ckpt size" in head
+    for variant, row in rows.items():
+        assert row["status"] == "ok" and row["seeds"] == "1/1"
+        assert row["显卡占用/memory"].endswith("GiB") and re.fullmatch(r"\d\.\d{4}", row["测试结果F1"])
+        result = json.loads((out / variant / "seed1234" / "result.json").read_text())
+        assert result["status"] == "ok" and result["checkpoint_bytes"] > 0
+        assert len(result["train"]["history"]) == 3 and result["metrics"]["n_records"] == 3
+        assert not (Path(result["checkpoint"]) / "engine").exists()  # optimizer state dropped by default
+        assert list((out / "runs" / f"{variant}-seed1234").glob("events.out.tfevents.*"))
+    lrs = {r["variant"]: float(r["learning_rate"]) for r in csv.DictReader(open(out / "comparison.csv"))}
+    assert lrs == {v: TUNERS[compare.VARIANTS[v][0]].DEFAULT_LR for v in VARIANTS}
+    summary = json.loads((out / "comparison.json").read_text())
+    assert set(summary["methods"]) == set(VARIANTS) and summary["settings"]["max_steps"] == 3
+    assert summary["methods"]["pt"]["trainable_params"]["mean"] > summary["methods"]["pt_noproj"][
+        "trainable_params"]["mean"]  # the projection MLP trains many more parameters
+    assert "[freeze-seed1234] done" in stdout
+
+
+@pytest.mark.slow
+def test_plots_are_real_images(compared):
+    out = compared[0]
+    for name, min_size in (("loss_curves.png", (1000, 400)), ("f1_vs_memory.png", (500, 400))):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = mpimg.imread(out / name).shape[:2]
+        assert width >= min_size[0] and height >= min_size[1]
+
+
+@pytest.mark.slow
+def test_rerun_skips_finished_runs(compared):
+    out, argv, _ = compared
+    before = {v: (out / v / "seed1234" / "result.json").stat().st_mtime_ns for v in VARIANTS}
+    done, seconds = run_compare(*argv, "--output_dir", str(out), "--launcher", "python")
+    assert done.stdout.count("skipped") == len(VARIANTS) and "training" not in done.stdout
+    assert before == {v: (out / v / "seed1234" / "result.json").stat().st_mtime_ns for v in VARIANTS}
+    assert seconds < 60  # no training or prediction happened (a single one takes ~10 s here)
+
+
+@pytest.mark.slow
+def test_force_reruns_through_deepspeed_and_a_failing_method_keeps_its_error(compared, tmp_path):
+    out = tmp_path / "results"
+    shutil.copytree(compared[0], out)
+    _, argv, _ = compared
+    argv = [a for a in argv if a != "freeze=--num_trainable_layers=1" and a != "--method_option"]
+    before = (out / "embedding" / "seed1234" / "result.json").stat().st_mtime_ns
+    # freeze keeps its default 5 layers, which the 2-layer tiny model does not have: its training fails
+    done, _ = run_compare(*argv, "--methods", "freeze,embedding", "--force", "--output_dir", str(out))
+    assert "skipped" not in done.stdout and "[embedding-seed1234] done" in done.stdout
+    assert (out / "embedding" / "seed1234" / "result.json").stat().st_mtime_ns > before
+    assert "launch.py" in (out / "embedding" / "seed1234" / "train.log").read_text()  # the deepspeed launcher ran
+    failed = json.loads((out / "freeze" / "seed1234" / "result.json").read_text())
+    assert failed["status"] == "failed" and failed["stage"] == "train"
+    assert failed["error"].startswith("ValueError: freeze: layers") and "do not exist" in failed["error"]
+    rows = table_rows((out / "comparison.md").read_text())
+    assert list(rows) == ["freeze", "embedding"]
+    assert "do not exist in a 2-layer model" in rows["freeze"]["status"] and rows["freeze"]["seeds"] == "0/1"
+    assert rows["embedding"]["status"] == "ok"
+
+
+def test_last_error_finds_the_reason_under_launcher_noise():
+    log = ("[2026-01-01 10:00:00,000] [INFO] [launch.py:1:main] spawned\nTraceback (most recent call last):\n"
+           '  File "x.py", line 1\n[rank0]: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB\n'
+           "[2026-01-01 10:00:01,000] [ERROR] [launch.py:2:sigkill_handler] exits with return code = 1\n")
+    assert report.last_error(log, 1) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert report.last_error("train:  50%|#####     | 1/2\rtrain: 100%|##########| 2/2\n", 1) == "exit code 1"
+    assert report.last_error("glmft.train.NonFiniteLoss: loss is nan at step 3\n", 1).endswith("step 3")
+    assert report.last_error("usage: x\nfinetuning_lora.py: error: argument --lora_r: invalid int\n", 2).startswith(
+        "finetuning_lora.py: error:")
+    assert report.last_error("loading\n", -9).startswith("killed by signal 9")
+
+
+def tiny_prepared(method: str, **args):
+    tuner = TUNERS[method]
+    method_args = tuner.Args(**args)
+    overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+    return tuner.apply(tiny_model(**overrides).train(), method_args)
+
+
+@pytest.mark.parametrize("method,args,kept", [("freeze", {"num_trainable_layers": 1}, 1), ("embedding", {}, 2),
+                                              ("pt", {"pre_seq_len": 4}, 2), ("lora", {"lora_r": 4}, 2)])
+def test_estimate_bounds_what_the_model_really_saves(method, args, kept):
+    model = tiny_prepared(method, **args)
+    ids = torch.tensor([prompt(list(range(5, 5 + 40)), list(range(50, 70)), eop=True)] * 2)
+    labels = ids.clone()
+    labels[:, :41] = -100
+    setting = estimate.Setting(batch=2, max_len=ids.shape[1], max_src_len=41)
+    est = estimate.estimate(model, setting)
+    assert est.layers_kept == kept and est.total == sum(p.numel() for p in model.parameters())
+    measured = estimate.saved_activation_bytes(model, {"input_ids": ids, "labels": labels})
+    assert 0 < measured <= est.activations + est.loss_head
+    per_layer = est.activations // kept
+    assert est.activations_ckpt == kept * 2 * ids.numel() * model.config.hidden_size + per_layer
+    assert (est.activations_ckpt < est.activations) == (kept > 1)  # one layer: checkpointing only adds its input
+
+
+def test_activations_are_kept_from_the_lowest_trainable_layer_up():
+    ids = torch.tensor([prompt(list(range(5, 45)), list(range(50, 70)), eop=True)] * 2)
+    batch = {"input_ids": ids, "labels": ids}
+    top, bottom = tiny_prepared("freeze", trainable_layers="1"), tiny_prepared("freeze", trainable_layers="0")
+    setting = estimate.Setting(batch=2, max_len=ids.shape[1], max_src_len=40)
+    assert estimate.estimate(top, setting).layers_kept == 1 and estimate.estimate(bottom, setting).layers_kept == 2
+    # training layer 0 needs layer 1's activations too (the gradient passes through it); training layer 1 does not
+    # need layer 0's
+    assert estimate.saved_activation_bytes(top, batch) < estimate.saved_activation_bytes(bottom, batch)
+
+
+def test_state_bytes_follow_zero_partitioning():
+    n = 1000
+    assert estimate.state_bytes(n, 0, 4) == 14 * n
+    assert estimate.state_bytes(n, 1, 4) == 2 * n + 12 * n // 4
+    assert estimate.state_bytes(n, 2, 4) == 14 * n // 4
+    assert estimate.state_bytes(n, 1, 1) == 14 * n
+
+
+def test_quantized_weights_count_their_stored_bytes():
+    model = tiny_model()
+    float_bytes = estimate.weight_bytes(model)
+    assert float_bytes == 2 * sum(p.numel() for p in model.parameters())
+    int4 = quantize_model(tiny_model(), 4)
+    int8 = quantize_model(tiny_model(), 8)
+    assert estimate.weight_bytes(int4) < estimate.weight_bytes(int8) < float_bytes
+    assert estimate.weight_bytes(int8) == sum(p.numel() * (1 if p.dtype == torch.int8 else 2)
+                                              for p in int8.parameters())
+
+
+def parse_estimate(text: str) -> dict[str, dict[str, str]]:
+    return table_rows(text[text.index("| method"):])
+
+
+@pytest.mark.slow
+def test_dry_run_on_the_real_config_prints_plausible_numbers():
+    if not CONFIG.is_file():
+        pytest.skip(f"{CONFIG} is absent (../shared is not beside this checkout)")
+    done, _ = run_compare("--model_dir", str(CONFIG), "--dry_run", timeout=300)
+    rows = parse_estimate(done.stdout)
+    assert list(rows) == VARIANTS
+    assert rows["lora"]["trainable"] == "3,670,016" and rows["freeze"]["trainable"] == "1,006,899,200"
+    assert rows["lora"]["total params"] == "6.177B"
+    assert abs(float(rows["lora"]["weights"]) * 2**30 / 1e9 - 12.35) < 0.05  # 2 bytes x 6.18B params = 12.35 GB
+    for row in rows.values():
+        total, ckpt = float(row["total GiB"].strip("*")), float(row["total (ckpt)"].strip("*"))
+        assert 10 < ckpt < total < 60
+    assert float(rows["lora"]["total GiB"].strip("*")) < float(rows["pt"]["total GiB"].strip("*"))
+    assert rows["freeze"]["layers kept"] == "5" and rows["lora"]["layers kept"] == "28"
+
+
+def test_dry_run_int4_shrinks_the_base(capsys):
+    if not CONFIG.is_file():
+        pytest.skip(f"{CONFIG} is absent (../shared is not beside this checkout)")
+    compare.run(compare.CompareArgs(model_dir=str(CONFIG), methods="pt,pt_noproj", quantization_bit=4, dry_run=True))
+    rows = parse_estimate(capsys.readouterr().out)
+    assert 3.4 < float(rows["pt_noproj"]["weights"]) < 3.9  # INT4 layers + fp16 embeddings
+    assert float(rows["pt_noproj"]["total (ckpt)"].strip("*")) < 8
