@@ -9,10 +9,13 @@ finetuning_<method>.py``, prediction with ``predict_<method>.py``, greedy decodi
 
 writes results/comparison.{md,csv,json}, loss_curves.png and f1_vs_memory.png, with every run's TensorBoard log
 under results/runs (``tensorboard --logdir results/runs``). ``--dry_run`` prints the parameter table and a memory
-estimate per method instead. Options: ``python compare.py --help``.
+estimate per method instead. Options: ``python compare.py --help``. The exit code is 1 when any run failed (after
+the report, which names each failure, is written). ``--hostfile hostfile --num_gpus 8`` trains on several nodes.
 """
 
-from glmft import args, compare
+import sys
+
+from glmft import compare
 
 if __name__ == "__main__":
-    compare.run(args.parse_one(compare.CompareArgs, __doc__.splitlines()[0]))
+    sys.exit(compare.main(__doc__.splitlines()[0]))

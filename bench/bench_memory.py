@@ -66,7 +66,8 @@ def one_case(model_name: str, method: str, bits: int, seq: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--model", choices=["tiny", "small"], default="tiny")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one case in this process

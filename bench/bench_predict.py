@@ -27,7 +27,8 @@ from glmft.tuners import lora  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
     p.add_argument("--test_path", default=str(ROOT.parent / "shared" / "data" / "spo" / "spo_1.json"))
     p.add_argument("--max_new_tokens", type=int, default=64, help="0: the training default max_len - max_src_len")
     p.add_argument("--batch_sizes", default="1,8")

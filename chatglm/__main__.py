@@ -13,11 +13,12 @@ from chatglm import ChatGLMForConditionalGeneration, ChatGLMTokenizer, resolve_m
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     parser.add_argument("queries", nargs="*", default=["你好"], help="one chat turn per query, in order")
     parser.add_argument("--model_dir", default="tiny", help="a local ChatGLM-6B directory, or 'tiny'")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--max_length", type=int, default=256)
+    parser.add_argument("--max_length", type=int, default=256,
+                        help="tokens per turn, prompt and reply; the oldest turns leave the prompt to make room")
     parser.add_argument("--do_sample", action=argparse.BooleanOptionalAction, default=False)
     args = parser.parse_args()
 

@@ -7,7 +7,13 @@ generation utilities and PEFT look for those.
 
 from __future__ import annotations
 
+import os
+
 from transformers import PretrainedConfig
+
+# The ids the model builds its masks and positions from (and generation stops on). They differ between releases, so
+# a config.json must state them: the class defaults would silently give another vocabulary's ids.
+REQUIRED_TOKEN_IDS = ("bos_token_id", "eos_token_id", "mask_token_id", "gmask_token_id")
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -64,6 +70,27 @@ class ChatGLMConfig(PretrainedConfig):
             raise ValueError(f"quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
         if self.pre_seq_len is not None and self.pre_seq_len < 0:
             raise ValueError(f"pre_seq_len must be positive or None, got {self.pre_seq_len}")
+
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As transformers', plus: a config.json without one of ``REQUIRED_TOKEN_IDS``, or with one outside the
+        vocabulary, fails here naming the file and the field (not at the first forward, with a mask error)."""
+        config, rest = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        path = os.path.join(pretrained_model_name_or_path, "config.json")
+        where = path if os.path.isfile(path) else str(pretrained_model_name_or_path)
+        if config.get("model_type", cls.model_type) != cls.model_type:
+            return config, rest
+        given = {**config, **rest}  # keyword overrides count as given
+        absent = [name for name in REQUIRED_TOKEN_IDS if name not in given]
+        if absent:
+            raise ValueError(f"{where}: no {', '.join(absent)}: a ChatGLM config.json must give the special token "
+                             "ids of its vocabulary (the released chatglm-6b's: 130004, 130005, 130000, 130001)")
+        vocab = given.get("vocab_size", cls.vocab_size)
+        outside = [f"{n}={given[n]}" for n in REQUIRED_TOKEN_IDS if isinstance(given[n], int) and given[n] >= vocab]
+        if outside:
+            raise ValueError(f"{where}: special token ids outside the vocabulary (vocab_size={vocab}): "
+                             + ", ".join(outside))
+        return config, rest
 
     @property
     def head_dim(self) -> int:

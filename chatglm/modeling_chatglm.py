@@ -18,6 +18,7 @@ original implementation computes; the facts it keeps are in ``shared/spec/chatgl
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import re
 
@@ -42,6 +43,8 @@ MASKED_SCORE = -10000.0
 # default of 28 and ChatGLMModel never passes it. Same value for the released 28-layer model; for smaller configs
 # (our tiny model, the parity fixture) this constant is what the original computes.
 RESIDUAL_ALPHA = math.sqrt(2 * 28)
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,11 +86,19 @@ def _first_index(hits: torch.Tensor) -> torch.Tensor:
     return hits.int().argmax(dim=1)
 
 
+def _checked_on_host(ids: torch.Tensor) -> bool:
+    """Whether to validate the special-token layout of ``ids`` on the host. Reading a flag back from an accelerator
+    stalls it, so a training forward there (autograd recording) trusts its batch: glmft.data builds every training
+    sequence with its [gMASK] and <sop>. CPU tensors and inference (generate's prefill, a user's forward) are
+    always checked, so a hand-built prompt still fails with a sentence instead of a silently wrong mask."""
+    return ids.device.type == "cpu" or not torch.is_grad_enabled()
+
+
 def context_lengths(input_ids: torch.Tensor, bos_token_id: int) -> torch.Tensor:
     """Per row, the index of the first <sop>: everything before it is the bidirectional context."""
     is_bos = input_ids == bos_token_id
     missing = ~is_bos.any(dim=1)
-    if missing.any():
+    if _checked_on_host(input_ids) and missing.any():
         raise ValueError(
             f"ChatGLM needs a <sop> token (id {bos_token_id}) in every sequence to place its context; rows "
             f"{missing.nonzero().flatten().tolist()} have none. Build prompts with the tokenizer's special tokens."
@@ -110,7 +121,7 @@ def build_position_ids(
     gmask = input_ids == config.gmask_token_id
     use_gmask = gmask.any(dim=1, keepdim=True)
     mask_hits = torch.where(use_gmask, gmask, input_ids == config.mask_token_id)
-    if not mask_hits.any(dim=1).all():
+    if _checked_on_host(input_ids) and not mask_hits.any(dim=1).all():
         raise ValueError("ChatGLM needs a [gMASK] or [MASK] token in every sequence (its position anchors the answer)")
     mask_pos = _first_index(mask_hits)[:, None]
     start = _first_index(padding_mask.bool())[:, None] if padding_mask is not None else torch.zeros_like(ctx)
@@ -284,7 +295,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As transformers' ``from_pretrained``, but a missing or wrongly shaped tensor is an error, not a warning.
+        """As transformers' ``from_pretrained``, but a missing, unexpected or wrongly shaped tensor is an error naming
+        it, not a warning (a P-Tuning checkpoint loaded without ``pre_seq_len`` would otherwise lose its prefix).
 
         The one tensor allowed to be absent is a new P-Tuning prefix encoder (``pre_seq_len`` set as an override
         on a base checkpoint): it starts from its initialisation, as in the original.
@@ -303,9 +315,11 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
         model, info = super().from_pretrained(*args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
         missing = sorted(k for k in info.get("missing_keys", ()) if ".prefix_encoder." not in f".{k}")
         mismatched = [] if tolerate_shapes else list(info.get("mismatched_keys", ()))
-        if missing or mismatched:
+        unexpected = sorted(info.get("unexpected_keys", ()))  # transformers has already dropped the ignored ones
+        if missing or mismatched or unexpected:
             details = [f"missing tensor {name}" for name in missing]
             details += [f"tensor {m[0]} has shape {tuple(m[1])}, the model expects {tuple(m[2])}" for m in mismatched]
+            details += [f"unexpected tensor {name}" for name in unexpected] + _unexpected_hint(unexpected, model.config)
             raise ValueError(f"checkpoint {args[0] if args else ''} does not match the config: " + "; ".join(details))
         if quantize_to:
             quantize_model(model, quantize_to)
@@ -332,6 +346,18 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             kwargs["config"] = copy.deepcopy(config)
             kwargs["config"].quantization_bit = 0
         return wanted
+
+
+def _unexpected_hint(unexpected: list[str], config: ChatGLMConfig) -> list[str]:
+    """What to pass when a checkpoint's extra tensors are a P-Tuning v2 prefix the config does not build."""
+    prefix = [k for k in unexpected if ".prefix_encoder." in f".{k}"]
+    if prefix and not config.pre_seq_len:
+        projection = " and prefix_projection=True" if any(".trans." in k for k in prefix) else ""
+        return [f"it holds a P-Tuning v2 prefix encoder: pass pre_seq_len (its prefix length){projection} when "
+                "loading (without it the model would run without the prefix)"]
+    if any(".prefix_encoder.trans." in k for k in prefix) and not config.prefix_projection:
+        return ["its prefix encoder has a projection MLP: pass prefix_projection=True"]
+    return []
 
 
 class ChatGLMModel(ChatGLMPreTrainedModel):
@@ -385,7 +411,12 @@ class ChatGLMModel(ChatGLMPreTrainedModel):
         if use_cache and not (self.training and torch.is_grad_enabled()) and cache is None:
             cache = DynamicCache(config=self.config)
         past = cache.get_seq_length() if cache is not None else 0
-        padding_mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        # An all-ones mask changes neither positions nor a full mask, so a full forward (training, prefill) takes it
+        # as it is: testing it would stall the device every micro-batch. Only a cached one-token step, which can then
+        # skip its mask entirely, looks.
+        padding_mask = attention_mask
+        if attention_mask is not None and past and bool(attention_mask.all()):
+            padding_mask = None
         if position_ids is None:
             if past:
                 raise ValueError("position_ids are needed when continuing from a cache (generate() passes them)")
@@ -488,16 +519,40 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel, GenerationMixin):
         **generate_kwargs,
     ) -> tuple[str, list[tuple[str, str]]]:
         history = list(history or [])
-        inputs = tokenizer([chat_prompt(query, history)], return_tensors="pt").to(self.device)
+        inputs = chat_inputs(tokenizer, query, history, max_length).to(self.device)
         processors = LogitsProcessorList([SafeScoresProcessor(tokenizer)])
         if do_sample:
             generate_kwargs.update(top_p=top_p, temperature=temperature)
         output = self.generate(
             **inputs, max_length=max_length, do_sample=do_sample, logits_processor=processors, **generate_kwargs
         )
+        steps = processors[0].nonfinite_steps
+        if steps is not None and bool(steps.any()):
+            logger.warning("chat: the model gave NaN/inf scores at %d step(s); those tokens are fallback blanks",
+                           int(steps.sum()))
         reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         reply = full_width_punctuation(reply)
         return reply, history + [(query, reply)]
+
+
+def chat_inputs(tokenizer, query: str, history: list[tuple[str, str]], max_length: int):
+    """The prompt's tensors, leaving room to answer: while the prompt takes more than three quarters of
+    ``max_length``, the oldest turn is left out of it (generate() refuses a prompt of ``max_length`` tokens, and a
+    long first reply would otherwise end the chat on the next turn). The caller's history itself is kept whole."""
+    kept = list(history)
+    while True:
+        inputs = tokenizer([chat_prompt(query, kept)], return_tensors="pt")
+        length = inputs["input_ids"].shape[1]
+        if not kept or length <= max_length - max(1, max_length // 4):
+            break
+        kept = kept[1:]
+    if length >= max_length:
+        raise ValueError(f"chat: the query alone is {length} tokens, max_length={max_length} leaves no room for a "
+                         "reply: raise max_length")
+    if len(kept) < len(history):
+        logger.warning("chat: the %d oldest turn(s) left out of the prompt to fit max_length=%d",
+                       len(history) - len(kept), max_length)
+    return inputs
 
 
 def chat_prompt(query: str, history: list[tuple[str, str]]) -> str:
@@ -524,17 +579,28 @@ def full_width_punctuation(text: str) -> str:
 
 class SafeScoresProcessor(LogitsProcessor):
     """Never sample an id that has no tokenizer piece; a row with NaN/inf scores falls back to the blank piece
-    (the original forces id 5, "▁", the same way)."""
+    (the original forces id 5, "▁", the same way) so generation goes on, and is counted, not hidden.
+
+    ``nonfinite_steps`` holds, per row of the current batch (``batch * num_beams`` rows), how many generation
+    steps had a non-finite score since the last ``reset()``; it stays on the device (no host sync per token).
+    """
 
     def __init__(self, tokenizer):
         self.n_pieces = tokenizer.vocab_size
         self.fallback_id = tokenizer.convert_tokens_to_ids("▁")
+        self.reset()
+
+    def reset(self) -> None:
+        self.nonfinite_steps: torch.Tensor | None = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         bad_rows = ~torch.isfinite(scores).all(dim=-1)
-        if bad_rows.any():
-            scores = scores.masked_fill(bad_rows[:, None], 0.0)
-            scores[bad_rows, self.fallback_id] = 5e4
+        counted = self.nonfinite_steps
+        if counted is None or counted.shape != bad_rows.shape:  # a new batch without reset(): start over
+            counted = torch.zeros(bad_rows.shape, dtype=torch.long, device=scores.device)
+        self.nonfinite_steps = counted + bad_rows
+        scores = scores.masked_fill(bad_rows[:, None], 0.0)
+        scores[:, self.fallback_id] = torch.where(bad_rows, 5e4, scores[:, self.fallback_id])
         if scores.shape[-1] > self.n_pieces:
             scores[:, self.n_pieces :] = float("-inf")
         return scores

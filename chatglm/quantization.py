@@ -150,13 +150,45 @@ class QuantizedMatmul(torch.autograd.Function):
         return grad_x.to(ctx.x_dtype), None, None, None
 
 
+def _is_cast_of(value: torch.Tensor, current: torch.Tensor) -> bool:
+    """Whether ``value`` is ``current`` converted to another dtype (and maybe device): nothing new in it."""
+    if value.shape != current.shape:
+        return False
+    if value.is_meta or current.is_meta:
+        return True  # no values to lose
+    return torch.equal(current.to(value.device, value.dtype), value)
+
+
+class ScaleParameter(nn.Parameter):
+    """A quantized layer's scales: a frozen parameter whose dtype does not follow a cast of the whole model.
+
+    The scales belong to the stored integer format (fp16 in chatglm-6b-int4): a round trip through bf16 would move
+    every dequantized weight. DeepSpeed's mixed-precision setup casts each floating parameter with
+    ``p.data = p.data.to(bf16)``, and ``module.to(dtype)`` / ``.half()`` assign ``p.data`` the same way; an
+    assignment that only converts the dtype keeps the stored values (moved to the new device, if any), and new
+    values are stored in the scales' own dtype.
+    """
+
+    @property
+    def data(self) -> torch.Tensor:
+        return torch._C.TensorBase.data.__get__(self)
+
+    @data.setter
+    def data(self, value: torch.Tensor) -> None:
+        current = torch._C.TensorBase.data.__get__(self)
+        if value.dtype != current.dtype:
+            value = current.to(value.device) if _is_cast_of(value, current) else value.to(current.dtype)
+        torch._C.TensorBase.data.__set__(self, value)
+
+
 class QuantizedLinear(nn.Module):
     """A frozen INT8/INT4 linear layer under the official names: ``weight`` (int8, packed for INT4),
     ``weight_scale`` (fp16, one per output row) and ``bias``.
 
     All three are parameters that never require grad, as in the original: they count in "all params" and load by
     name from the chatglm-6b-int4 checkpoint. The bias is added after the matmul (outside the autograd function),
-    so it can still be trained if a method enables it; the weight and its scales get no gradient.
+    so it can still be trained if a method enables it; the weight and its scales get no gradient. The scales keep
+    their stored dtype through ``model.to(bf16)``, ``.half()`` and DeepSpeed's casts (``ScaleParameter``).
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, bias: bool = True, device=None, dtype=None):
@@ -188,6 +220,22 @@ class QuantizedLinear(nn.Module):
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
         return layer
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Loaders (transformers, from_linear) assign plain Parameters; the scales always become a ScaleParameter.
+        if name == "weight_scale" and param is not None and not isinstance(param, ScaleParameter):
+            param = ScaleParameter(param.data, requires_grad=False)
+        super().register_parameter(name, param)
+
+    def _apply(self, fn, recurse: bool = True):
+        # module.to(dtype) may also replace a parameter outright (torch.__future__ flags): the scales only move.
+        scale = self._parameters.get("weight_scale")
+
+        def keep_scale_dtype(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return t.to(out.device) if t is scale and out.dtype != t.dtype else out
+
+        return super()._apply(keep_scale_dtype, recurse)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The ``[out, in]`` matrix this layer multiplies by (for tests, merging and inspection)."""

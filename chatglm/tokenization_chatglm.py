@@ -79,6 +79,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         # The official tokenizer_config.json points auto_map at remote code; this class replaces that code, and
         # keeping the entry would make save_pretrained advertise it again.
         kwargs.pop("auto_map", None)
+        if not vocab_file or not os.path.isfile(vocab_file):
+            # sentencepiece would only log "Model is not initialized" and encode everything to id 0. A ValueError:
+            # transformers' from_pretrained replaces any OSError raised here with a message that names no file.
+            where = kwargs.get("name_or_path") or os.path.dirname(vocab_file or "") or "the given directory"
+            raise ValueError(f"no {self.vocab_files_names['vocab_file']} in {where}: a ChatGLM-6B model "
+                                    "directory holds its tokenizer's sentencepiece model under that name")
         self.vocab_file = vocab_file
         self.num_image_tokens = num_image_tokens
         self.remove_space = remove_space

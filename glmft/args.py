@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from glmft import shipped
 from glmft.data import DEFAULT_PROMPT
 
 
@@ -40,12 +42,18 @@ class TrainArgs:
     run_name: str = opt("", "this run's name under the TensorBoard root (default: the method name)")
     log_steps: int = opt(10, "optimizer steps between TensorBoard points and progress-bar updates")
     save_steps: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
+    save_total_limit: int = opt(0, "keep only the newest N checkpoints (0: all); the best (lowest logged training "
+                                "loss) and the one resumed from are kept too")
     quantization_bit: int = opt(0, "quantize the base model's layer matrices to 4 or 8 bits while loading (0: as "
                                 "stored; a chatglm-6b-int4 directory is INT4 already)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30%% slower")
-    deepspeed_config: str = opt("ds_config.json", "DeepSpeed engine settings (ZeRO stage, precision, clipping)")
+    deepspeed_config: str = opt("ds_config.json", "DeepSpeed engine settings (ZeRO stage, precision, clipping); "
+                                "shipped: ds_config.json (ZeRO-1), ds_zero2.json, ds_zero3.json, "
+                                "ds_zero3_offload.json (optimizer and parameters on the CPU)")
     resume: bool = opt(False, "continue from the latest checkpoint in output_dir (optimizer, scheduler, data "
-                       "position and RNG included)")
+                       "position and RNG included); refused if its meta.json records other settings")
+    overwrite_output_dir: bool = opt(False, "start afresh in an output_dir holding an earlier run's results, "
+                                     "deleting its checkpoints, train_summary.json and TensorBoard curves first")
     dry_run: bool = opt(False, "build the model on the meta device from config.json, print the parameter report, "
                         "exit")
     local_rank: int = opt(-1, "set by the deepspeed launcher")
@@ -57,12 +65,22 @@ class TrainArgs:
         for name in ("num_train_epochs", "train_batch_size", "gradient_accumulation_steps", "log_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps < 0 or self.save_steps < 0:
-            raise ValueError("--max_steps and --save_steps must be 0 or positive")
+        if self.max_steps < 0 or self.save_steps < 0 or self.save_total_limit < 0:
+            raise ValueError("--max_steps, --save_steps and --save_total_limit must be 0 or positive")
+        if self.resume and self.overwrite_output_dir:
+            raise ValueError("--resume continues the run in output_dir, --overwrite_output_dir deletes it: use one")
         if self.quantization_bit not in (0, 4, 8):
             raise ValueError(f"--quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        # Checked here, before any model is built (the optimizer would only refuse them after loading it).
+        if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--weight_decay must be 0 or a positive number, got {self.weight_decay}")
+        # The shipped defaults (data/sample_train.jsonl, ds_config.json, ds_zero*.json) are found from any directory.
+        self.train_path = shipped.resolve(self.train_path)
+        self.deepspeed_config = shipped.resolve(self.deepspeed_config)
 
 
 def _field_type(tp: Any) -> type:
@@ -90,7 +108,8 @@ def add_dataclass(parser: argparse.ArgumentParser, cls: type, title: str) -> Non
 
 def parse_one(cls: type, description: str, argv: list[str] | None = None, epilog: str | None = None) -> Any:
     """Parse a single options dataclass (the predict scripts' options)."""
-    parser = argparse.ArgumentParser(description=description, epilog=epilog)
+    # allow_abbrev=False here and below: a misspelt option (--learning_rat) must fail, not silently match a prefix
+    parser = argparse.ArgumentParser(description=description, epilog=epilog, allow_abbrev=False)
     add_dataclass(parser, cls, "options")
     ns = vars(parser.parse_args(argv))
     try:
@@ -99,22 +118,33 @@ def parse_one(cls: type, description: str, argv: list[str] | None = None, epilog
         parser.error(str(err))
 
 
-def parse(tuner: types.ModuleType, argv: list[str] | None = None) -> tuple[TrainArgs, Any]:
-    """Parse the shared training options plus ``tuner.Args``; invalid combinations fail with a readable message."""
+def training_parser(tuner: types.ModuleType, exit_on_error: bool = True) -> argparse.ArgumentParser:
+    """The options of ``finetuning_<tuner>.py``: the shared training options plus ``tuner.Args``."""
     parser = argparse.ArgumentParser(
         description=tuner.__doc__.strip().splitlines()[0],
         epilog=f"The {tuner.NAME} method's default learning rate is {tuner.DEFAULT_LR}.",
+        allow_abbrev=False, exit_on_error=exit_on_error,
     )
     add_dataclass(parser, TrainArgs, "training")
     add_dataclass(parser, tuner.Args, f"{tuner.NAME} method")
-    ns = vars(parser.parse_args(argv))
-    try:
-        train = TrainArgs(**{f.name: ns[f.name] for f in dataclasses.fields(TrainArgs)})
-        method = tuner.Args(**{f.name: ns[f.name] for f in dataclasses.fields(tuner.Args)})
-    except ValueError as err:
-        parser.error(str(err))
+    return parser
+
+
+def training_args(tuner: types.ModuleType, ns: dict[str, Any]) -> tuple[TrainArgs, Any]:
+    """The parsed namespace as (TrainArgs, tuner.Args) with the method's defaults filled in; ValueError if invalid."""
+    train = TrainArgs(**{f.name: ns[f.name] for f in dataclasses.fields(TrainArgs)})
+    method = tuner.Args(**{f.name: ns[f.name] for f in dataclasses.fields(tuner.Args)})
     if not train.output_dir:
         train.output_dir = f"output/{tuner.NAME}"
     if train.learning_rate is None:
         train.learning_rate = tuner.DEFAULT_LR
     return train, method
+
+
+def parse(tuner: types.ModuleType, argv: list[str] | None = None) -> tuple[TrainArgs, Any]:
+    """Parse the shared training options plus ``tuner.Args``; invalid combinations fail with a readable message."""
+    parser = training_parser(tuner)
+    try:
+        return training_args(tuner, vars(parser.parse_args(argv)))
+    except ValueError as err:
+        parser.error(str(err))

@@ -4,29 +4,28 @@ A run is one (variant, seed) in ``<output_dir>/<variant>/seed<k>/``: training th
 finetuning_<method>.py`` (``--launcher python``: one plain process), then ``predict_<method>.py`` with greedy
 decoding. Its numbers, or its error (the last meaningful line of the failing step's log), go to ``result.json``
 there, and glmft.report turns all of them into the comparison. A complete run made with the same settings is
-skipped unless ``--force``; a failed one is always run again.
+skipped unless ``--force``; a failed one is always run again. The settings that decide "the same" include a hash
+of the train and test files' contents, so editing a data file in place runs everything again. ``--hostfile``
+spreads each training run over several nodes (deepspeed's multi-node launcher; README "Several nodes").
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
-import os
 import re
 import shlex
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from glmft import checkpoint, report
-from glmft.args import TrainArgs, add_dataclass, opt
+from glmft import checkpoint, launch, report
+from glmft.args import TrainArgs, opt, parse_one, training_args, training_parser
 from glmft.tuners import TUNERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +36,9 @@ VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 SHARED = ("num_train_epochs", "max_steps", "train_batch_size", "gradient_accumulation_steps", "max_len",
           "max_src_len", "gradient_checkpointing", "quantization_bit", "log_steps")
+# Training options compare.py sets for every run itself: a --method_option may not change them.
+OWNED = {"model_dir", "train_path", "output_dir", "seed", "deepspeed_config", "tensorboard_dir", "run_name",
+         "resume", "dry_run", "local_rank", *SHARED}
 
 
 @dataclass
@@ -59,7 +61,10 @@ class CompareArgs:
     log_steps: int = opt(10, "optimizer steps between logged losses (the loss curves' resolution)")
     deepspeed_config: str = opt("ds_config.json", "DeepSpeed settings every run starts from")
     zero_stage: int | None = opt(None, "ZeRO stage for training and the estimate (default: the config's)")
-    num_gpus: int = opt(1, "GPUs per run (deepspeed --num_gpus; the estimate's world size)")
+    num_gpus: int = opt(1, "GPUs per run, per node with --hostfile (deepspeed --num_gpus)")
+    hostfile: str = opt("", "deepspeed --hostfile for multi-node runs: one 'HOST slots=GPUS' line per node; the "
+                        "repository, model, data and output_dir must sit at the same paths on every node")
+    num_nodes: int = opt(0, "deepspeed --num_nodes: the first N hosts of --hostfile (0: all of them)")
     launcher: str = opt("deepspeed", "deepspeed, or python (one process without the launcher)")
     method_option: tuple[str, ...] = opt((), "extra training options of one variant, repeatable: "
                                          "freeze=--num_trainable_layers=1 or 'lora=--lora_r 16'")
@@ -83,12 +88,10 @@ class CompareArgs:
             raise ValueError("--launcher is deepspeed or python; python runs one process (--num_gpus 1)")
         if self.zero_stage not in (None, 0, 1, 2, 3) or self.num_gpus < 1:
             raise ValueError("--zero_stage must be 0-3 and --num_gpus at least 1")
+        self.nodes()  # a hostfile that deepspeed would refuse fails here, before any run
         TrainArgs(**{name: getattr(self, name) for name in SHARED})  # the scripts' own checks, before any run
         for variant in self.variants():
-            try:
-                method_args(self, variant)  # a method option its script would refuse fails here, before any run
-            except argparse.ArgumentError as err:
-                raise ValueError(f"--method_option {variant}=...: {err}") from None
+            method_args(self, variant)  # a method option its script would refuse fails here, before any run
 
     def variants(self) -> list[str]:
         return [v.strip() for v in self.methods.split(",") if v.strip()]
@@ -96,22 +99,56 @@ class CompareArgs:
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.seeds.replace(" ", "").split(",")]
 
+    def nodes(self) -> list[str]:
+        """The hosts of --hostfile a run uses (``[]`` on one machine), checked as deepspeed reads the file."""
+        if not self.hostfile:
+            if self.num_nodes:
+                raise ValueError("--num_nodes needs --hostfile (the nodes to choose from)")
+            return []
+        if self.launcher == "python":
+            raise ValueError("--hostfile needs --launcher deepspeed: one plain python process cannot span nodes")
+        return launch.hostfile_nodes(self.hostfile, self.num_nodes, self.num_gpus)
+
+    def world_size(self) -> int:
+        return self.num_gpus * max(1, len(self.nodes()))
+
     def options(self, variant: str) -> list[str]:
         """The variant's fixed flags, then its --method_option arguments."""
         given = [shlex.split(o.partition("=")[2]) for o in self.method_option if o.partition("=")[0] == variant]
         return [*VARIANTS[variant][1], *(a for args in given for a in args)]
 
 
+def _option_name(token: str) -> str | None:
+    """``--x=1`` / ``--no-x`` -> ``x``; a value -> None."""
+    if not token.startswith("--"):
+        return None
+    name = token[2:].partition("=")[0]
+    return name[3:] if name.startswith("no-") else name
+
+
 def method_args(args: CompareArgs, variant: str) -> tuple[Any, float]:
-    """The variant's ``tuner.Args`` (other training options ignored) and learning rate: the method's own
-    default, tuner.DEFAULT_LR, unless the variant's options set --learning_rate."""
+    """The variant's ``tuner.Args`` and learning rate (tuner.DEFAULT_LR unless its options set --learning_rate),
+    read by the training script's own parser with the shared options applied: an option the script does not know,
+    a value it would refuse, or an option compare.py sets for every run fails here, before any run."""
     tuner = TUNERS[VARIANTS[variant][0]]
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
-    add_dataclass(parser, tuner.Args, variant)
-    parser.add_argument("--learning_rate", type=float, default=tuner.DEFAULT_LR)
-    known = vars(parser.parse_known_args(args.options(variant))[0])
-    lr = known.pop("learning_rate")
-    return tuner.Args(**known), lr
+    options, where = args.options(variant), f"--method_option {variant}=..."
+    taken = sorted({n for n in map(_option_name, options) if n in OWNED})
+    if taken:
+        raise ValueError(f"{where}: {', '.join('--' + n for n in taken)} is set by compare.py for every run; use "
+                         "compare.py's own option so the report states it")
+    parser = training_parser(tuner, exit_on_error=False)
+    try:
+        ns, unknown = parser.parse_known_args(options)
+    except argparse.ArgumentError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if unknown:
+        raise ValueError(f"{where}: finetuning_{tuner.NAME}.py has no option {' '.join(unknown)} "
+                         f"(python finetuning_{tuner.NAME}.py --help lists them)")
+    try:
+        train, method = training_args(tuner, {**vars(ns), **{n: getattr(args, n) for n in SHARED}})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    return method, train.learning_rate
 
 
 def train_argv(args: CompareArgs, variant: str, seed: int, lr: float) -> list[str]:
@@ -130,28 +167,17 @@ def predict_argv(args: CompareArgs) -> list[str]:
 
 
 def launcher(args: CompareArgs) -> list[str]:
-    if args.launcher == "python":
-        return [sys.executable]
-    with socket.socket() as s:  # a free rendezvous port: a run never collides with another job's
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    beside = Path(sys.executable).parent / "deepspeed"  # the launcher of this interpreter's DeepSpeed
-    return [str(beside) if beside.is_file() else shutil.which("deepspeed") or "deepspeed", "--num_gpus",
-            str(args.num_gpus), "--master_port", str(port)]
+    """The command prefix a training run starts with."""
+    return launch.prefix(args.launcher, args.num_gpus, args.hostfile, args.num_nodes)
 
 
-def execute(cmd: list[str], log_path: Path) -> tuple[int, float, str]:
-    """Run ``cmd`` with its output going to ``log_path``; returns (exit code, seconds, output)."""
-    print(f"  {shlex.join(cmd)}\n  log: {log_path}", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        try:
-            code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-        except OSError as err:  # e.g. no deepspeed launcher on PATH
-            log.write(f"OSError: cannot run {cmd[0]}: {err}\n")
-            code = 127
-    return code, time.perf_counter() - start, log_path.read_text(errors="replace")
+def file_digest(path: str) -> str | None:
+    """sha256 of a file's bytes (None if absent: its run fails and records why)."""
+    try:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:
+        return None
 
 
 def run_one(args: CompareArgs, variant: str, seed: int, ds_config: Path) -> dict:
@@ -159,7 +185,8 @@ def run_one(args: CompareArgs, variant: str, seed: int, ds_config: Path) -> dict
     name, run_dir = f"{variant}-seed{seed}", Path(args.output_dir) / variant / f"seed{seed}"
     lr = method_args(args, variant)[1]
     settings = {"train": train_argv(args, variant, seed, lr), "predict": predict_argv(args),
-                "deepspeed": json.loads(ds_config.read_text())}
+                "deepspeed": json.loads(ds_config.read_text()), "launch": [args.launcher, args.num_gpus, args.nodes()],
+                "data": {"train": file_digest(args.train_path), "test": file_digest(args.test_path)}}
     old = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else {}
     if old.get("status") == "ok" and old.get("settings") == settings and not args.force:
         print(f"[{name}] skipped: {run_dir / 'result.json'} exists (--force runs it again)", flush=True)
@@ -187,7 +214,7 @@ def train(args: CompareArgs, result: dict, run_dir: Path, ds_config: Path) -> tu
                             "--output_dir", str(run_dir / "train"), "--deepspeed_config", str(ds_config),
                             "--tensorboard_dir", str(Path(args.output_dir) / "runs"), "--run_name", name]
     print(f"[{name}] training", flush=True)
-    code, result["train_process_s"], text = execute(cmd, run_dir / "train.log")
+    code, result["train_process_s"], text = launch.execute(cmd, run_dir / "train.log")
     result["commands"]["train"] = cmd
     ckpt = checkpoint.latest(run_dir / "train")
     if code != 0 or ckpt is None:
@@ -204,7 +231,7 @@ def predict(result: dict, run_dir: Path) -> tuple[str, str] | None:
     cmd = [sys.executable, str(ROOT / f"predict_{result['method']}.py"), "--ckpt_dir", result["checkpoint"],
            *result["settings"]["predict"], "--output_dir", str(run_dir / "predict")]
     print(f"[{result['variant']}-seed{result['seed']}] predicting", flush=True)
-    code, result["predict_process_s"], text = execute(cmd, run_dir / "predict.log")
+    code, result["predict_process_s"], text = launch.execute(cmd, run_dir / "predict.log")
     result["commands"]["predict"] = cmd
     if code != 0:
         return "predict", report.last_error(text, code)
@@ -230,7 +257,8 @@ def run(args: CompareArgs) -> list[dict]:
         from glmft import estimate  # imported here: it builds models; a comparison run leaves that to the scripts
 
         methods = [(v, TUNERS[VARIANTS[v][0]], method_args(args, v)[0]) for v in args.variants()]
-        setting = estimate.Setting(args.train_batch_size, args.max_len, args.max_src_len, stage, args.num_gpus)
+        setting = estimate.setting_for(config, args.train_batch_size, args.max_len, args.max_src_len,
+                                       args.world_size())
         print(estimate.report(args.model_dir, methods, args.quantization_bit, setting))
         return []
     out = Path(args.output_dir)
@@ -239,6 +267,18 @@ def run(args: CompareArgs) -> list[dict]:
     results = [run_one(args, variant, seed, (out / "ds_config.json").resolve())
                for variant in args.variants() for seed in args.seed_list()]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    written = report.write(out, results, {**asdict(args), "device": device, "zero_stage": stage})
+    written = report.write(out, results, {**asdict(args), "device": device, "zero_stage": stage,
+                                          "world_size": args.world_size()})
     print("\nwritten:\n" + "\n".join(written))
     return results
+
+
+def main(description: str, argv: list[str] | None = None) -> int:
+    """``compare.py``: every run, then the report; the exit code is 1 when any run failed (the report is written
+    first, with each failure's reason), so a script or CI job calling compare.py sees the failure."""
+    args = parse_one(CompareArgs, description, argv)
+    results = run(args)
+    failed = [f"{r['variant']}-seed{r['seed']}" for r in results if r["status"] != "ok"]
+    if failed:
+        print(f"{len(failed)} of {len(results)} runs failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0

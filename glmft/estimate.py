@@ -8,11 +8,18 @@ parameters, N world size (GPUs), p P-Tuning prefix length.
 1. Weights, exact, counted on the model built on the meta device: 2 bytes per float parameter (fp16 training;
    DeepSpeed casts the LoRA adapters to fp16 too); an INT4/INT8 base stores its layer matrices as int8 tensors
    (1 byte per element; INT4 packs two weights per element) plus fp16 scales (2 bytes per output row).
-   ZeRO-3 divides them by N; lower stages keep a full copy on every GPU.
+   Counted with ``ds_numel`` where a parameter has it (a ZeRO-3 partitioned one, whose local tensor is a slice).
+   Stages 0-2 keep a full copy on every GPU. ZeRO-3 keeps 1/N of every parameter (none with ``offload_param``:
+   the partitions sit in host memory), the parameters of at most ``stage3_param_persistence_threshold`` elements
+   (1e5 by default: biases, norms) whole as well, since they stay gathered, and the parameters gathered for the
+   layers being computed: up to ``stage3_max_live_parameters`` (1e9 by default) elements, an upper bound
+   reached where the reuse of what was gathered is near (the top layers, from the end of forward into backward).
 2. Trainable states, mixed-precision Adam, per trainable parameter: fp16 gradient 2 B + fp32 master copy 4 B +
    Adam m and v 8 B = 14 B (16 B with its fp16 weight, item 1). ZeRO-1 partitions master + m + v (12 B) across N,
-   ZeRO-2 also the gradients; stage 0 partitions nothing. (The seeds offloaded master + m + v to the CPU; our
-   ds_config.json does not.)
+   ZeRO-2 and ZeRO-3 also the gradients; stage 0 partitions nothing. ``offload_optimizer`` moves master + m + v
+   (and an fp32 copy of the gradient partition) to host memory; the fp16 gradients stay on the GPU. (The seeds
+   offloaded the optimizer; our ds_config.json does not, ds_zero3_offload.json does.) ``rank_elements`` is the
+   per-rank element count of each part; ``bench/zero_partition.py`` measures the same counts on a DeepSpeed engine.
 3. Activations kept for backward, fp16 (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
    Transformer Models", eq. 1 without tensor or sequence parallelism): per layer ``s*b*h*(34 + 5*a*s/h)`` bytes.
    The 34 sbh are attention 11 sbh (QKV input, Q, K, V, softmax-times-V input, output-dropout mask), MLP 19 sbh
@@ -43,6 +50,7 @@ step, and fragmentation (nvidia-smi shows the allocator's reserved memory, which
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +58,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from glmft.model import build_model
+from chatglm import ChatGLMConfig
+from glmft.model import build_model, model_path
 
 GIB = 2**30
 CONTEXT_BYTES = 1 * GIB
@@ -66,6 +75,20 @@ class Setting:
     max_src_len: int
     zero_stage: int = 1
     world_size: int = 1
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    persistence: int = 10**5  # stage3_param_persistence_threshold
+    live_params: int = 10**9  # stage3_max_live_parameters
+
+
+def setting_for(ds_config: dict, batch: int, max_len: int, max_src_len: int, world_size: int) -> Setting:
+    """The Setting of a DeepSpeed config (its zero_optimization block) for ``world_size`` ranks."""
+    zero = ds_config.get("zero_optimization", {})
+    offloaded = {k: zero.get(k, {}).get("device", "none") in ("cpu", "nvme") for k in ("offload_optimizer",
+                                                                                     "offload_param")}
+    return Setting(batch, max_len, max_src_len, zero.get("stage", 0), world_size, **offloaded,
+                   persistence=int(zero.get("stage3_param_persistence_threshold", 10**5)),
+                   live_params=int(zero.get("stage3_max_live_parameters", 10**9)))
 
 
 @dataclass(frozen=True)
@@ -81,22 +104,52 @@ class Estimate:
     activations_ckpt: int
     loss_head: int
     context: int = CONTEXT_BYTES
+    host: int = 0  # offloaded to host memory (not in the GPU total)
 
     def total_bytes(self, checkpointing: bool) -> int:
         acts = self.activations_ckpt if checkpointing else self.activations
         return self.weights + self.states + acts + self.loss_head + self.context
 
 
+def numel(p: torch.Tensor) -> int:
+    """A parameter's full element count, also when ZeRO-3 has partitioned it (its local tensor is then a slice)."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Stored bytes of every parameter: int8 storage as it is, float parameters as fp16."""
-    return sum(p.numel() * (1 if p.dtype == torch.int8 else 2) for p in model.parameters())
+    return sum(numel(p) * (1 if p.dtype == torch.int8 else 2) for p in model.parameters())
+
+
+def rank_elements(sizes: list[tuple[int, bool]], setting: Setting) -> dict[str, float]:
+    """Elements one rank holds of each part (module docstring, items 1-2) for parameters given as (numel,
+    trainable): the fp32 master copy, Adam's m + v, the gradient, and the weights (without ZeRO-3's gathered
+    working set)."""
+    stage, n = setting.zero_stage, setting.world_size
+    trainable = sum(size for size, grad in sizes if grad)
+    master = trainable / (n if stage >= 1 else 1)
+    weights = sum(size for size, _ in sizes)
+    if stage >= 3:  # a partition of each (padded to a multiple of N); a small one also stays whole once gathered
+        weights = sum(math.ceil(size / n) + (size if size <= setting.persistence else 0) for size, _ in sizes)
+    return {"master": master, "moments": 2 * master, "grads": trainable / (n if stage >= 2 else 1),
+            "weights": weights}
 
 
 def state_bytes(trainable: int, zero_stage: int, world_size: int) -> int:
     """fp16 gradients + fp32 master weights + Adam m and v, partitioned as ZeRO ``zero_stage`` does."""
-    grads = 2 * trainable / (world_size if zero_stage >= 2 else 1)
-    optimizer = 12 * trainable / (world_size if zero_stage >= 1 else 1)
-    return int(grads + optimizer)
+    parts = rank_elements([(trainable, True)], Setting(1, 2, 0, zero_stage, world_size))
+    return int(2 * parts["grads"] + 4 * (parts["master"] + parts["moments"]))
+
+
+def gpu_weight_bytes(model: nn.Module, setting: Setting) -> tuple[int, int]:
+    """(bytes of weights on one GPU, bytes offloaded to host memory), module docstring item 1."""
+    sizes = [(numel(p), 1 if p.dtype == torch.int8 else 2) for p in model.parameters()]
+    if setting.zero_stage < 3:
+        return sum(size * b for size, b in sizes), 0
+    small = sum(size * b for size, b in sizes if size <= setting.persistence)
+    shards = sum(math.ceil(size / setting.world_size) * b for size, b in sizes)
+    live = min(2 * setting.live_params, sum(size * b for size, b in sizes if size > setting.persistence))
+    return (small + live, shards) if setting.offload_param else (small + shards + live, 0)
 
 
 def layers_with_activations(model: nn.Module) -> int:
@@ -123,14 +176,17 @@ def layer_activation_bytes(config, batch: int, seq: int) -> int:
 def estimate(model: nn.Module, setting: Setting) -> Estimate:
     """Memory per GPU for training ``model`` (tuner applied, built on the meta device) in ``setting``."""
     config, b, s = model.config, setting.batch, setting.max_len
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
     kept = layers_with_activations(model)
     per_layer = layer_activation_bytes(config, b, s)
-    weights = weight_bytes(model) // (setting.world_size if setting.zero_stage >= 3 else 1)
+    weights, host = gpu_weight_bytes(model, setting)
+    states = state_bytes(trainable, setting.zero_stage, setting.world_size)
+    if setting.offload_optimizer:  # 16 B per partitioned element go to the host: fp32 master, m, v and gradient
+        parts = rank_elements([(trainable, True)], setting)
+        states, host = int(2 * parts["grads"]), host + int(16 * parts["master"])
     return Estimate(
-        trainable=trainable, total=total, weights=weights,
-        states=state_bytes(trainable, setting.zero_stage, setting.world_size), layers_kept=kept,
+        trainable=trainable, total=total, weights=weights, states=states, host=host, layers_kept=kept,
         activations=kept * per_layer,
         activations_ckpt=kept * 2 * s * b * config.hidden_size + (per_layer if kept else 0),
         loss_head=b * (setting.max_len - setting.max_src_len) * config.vocab_size * (2 + 4 + 4),
@@ -159,15 +215,21 @@ def report(model_dir: str, methods: list[tuple[str, Any, Any]], quantization_bit
     """The estimate table for (name, tuner, tuner args) triples: each model built from ``model_dir`` (a directory or
     its config.json) on the meta device with the tuner applied; a method that cannot be built gets its error."""
     rows: list[tuple[str, Estimate | str]] = []
+    stored = ChatGLMConfig.from_pretrained(model_path(model_dir)).quantization_bit
+    if quantization_bit and stored and stored != quantization_bit:  # the loader refuses this too
+        raise ValueError(f"{model_dir} stores INT{stored} weights: it cannot be estimated with --quantization_bit "
+                         f"{quantization_bit} (leave it at 0)")
     for name, tuner, method_args in methods:
         overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+        if quantization_bit:  # only when asked: 0 would turn an INT4 checkpoint's config into a float model
+            overrides = {**overrides, "quantization_bit": quantization_bit}
         try:
-            model = build_model(model_dir, torch.float16, {**overrides, "quantization_bit": quantization_bit}, True)
+            model = build_model(model_dir, torch.float16, overrides, True)
             rows.append((name, estimate(tuner.apply(model, method_args), setting)))
         except ValueError as err:  # e.g. freeze's default 5 layers on a 2-layer model
             rows.append((name, str(err)))
-    base = f"INT{quantization_bit}" if quantization_bit else "fp16"
-    return f"{model_dir} ({base} base)\n{markdown_table(rows, setting)}"
+    bits = quantization_bit or stored
+    return f"{model_dir} ({f'INT{bits}' if bits else 'fp16'} base)\n{markdown_table(rows, setting)}"
 
 
 def _gib(n: float) -> str:
@@ -188,6 +250,10 @@ def markdown_table(rows: list[tuple[str, Estimate | str]], setting: Setting) -> 
                  _gib(est.activations_ckpt), _gib(est.loss_head), _gib(est.context),
                  f"**{_gib(est.total_bytes(False))}**", f"**{_gib(est.total_bytes(True))}**"]
         lines.append("| " + " | ".join(cells) + " |")
+    offload = [k for k in ("offload_optimizer", "offload_param") if getattr(setting, k)]
     note = (f"Per GPU, GiB: batch {setting.batch}, max_len {setting.max_len}, max_src_len {setting.max_src_len}, "
-            f"fp16, ZeRO-{setting.zero_stage}, {setting.world_size} GPU(s); assumptions in glmft/estimate.py.")
-    return "\n".join([note, "", *lines])
+            f"fp16, ZeRO-{setting.zero_stage}{' with ' + ' and '.join(offload) if offload else ''}, "
+            f"{setting.world_size} GPU(s); assumptions in glmft/estimate.py.")
+    host = [f"{name} {_gib(est.host)}" for name, est in rows if not isinstance(est, str) and est.host]
+    tail = ["", "Host memory per rank for what is offloaded, GiB: " + ", ".join(host)] if host else []
+    return "\n".join([note, "", *lines, *tail])

@@ -37,7 +37,12 @@ def build_model(model_dir: str | Path, dtype: torch.dtype = torch.float32, overr
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, all); a tied tensor counts once, as the seeds' reports count it."""
     params = list(model.parameters())  # parameters() yields each shared tensor once
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    return sum(full_numel(p) for p in params if p.requires_grad), sum(full_numel(p) for p in params)
+
+
+def full_numel(p: torch.Tensor) -> int:
+    """A parameter's full size, also under ZeRO-3, where each rank holds only a slice (its ``numel()`` is 0)."""
+    return getattr(p, "ds_numel", None) or p.numel()
 
 
 def summary_line(model: nn.Module) -> str:
@@ -61,7 +66,7 @@ def parameter_report(model: nn.Module) -> str:
             key = _LAYER.sub(".layers.*.", name)
             entry = groups.setdefault(key, [0, 0, []])
             entry[0] += 1
-            entry[1] += p.numel()
+            entry[1] += full_numel(p)
             if (m := _LAYER.search(name)) is not None:
                 entry[2].append(int(m.group(1)))
     trainable, total = count_parameters(model)

@@ -23,7 +23,7 @@ EXTENDED_COLUMNS = [("lr", "learning_rate", "lr"), ("trainable", "trainable_para
                     ("final loss", "final_loss", "f1"), ("best loss", "best_loss", "f1"),
                     ("micro P", "micro_precision", "f1"), ("micro R", "micro_recall", "f1"),
                     ("micro F1", "micro_f1", "f1"), ("F1 95% CI", "micro_f1_ci", "ci"),
-                    ("parse fail", "parse_failure_rate", "pct"), ("ckpt size", "checkpoint_bytes", "bytes")]
+                    ("parse fail", "parse_failure_rate", "share"), ("ckpt size", "checkpoint_bytes", "bytes")]
 _EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt|Loss)(:|$)|: error: ")
 _RANK = re.compile(r"^\[rank\d+\]:\s*")  # torch.distributed's prefix on a rank's traceback lines
 _NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]|\d+%\||^\s*warnings\.warn\(")
@@ -81,8 +81,10 @@ def _one(value, kind: str) -> str:
     if kind == "count":
         scaled = (f"{value / d:.3f}{u}" for d, u in ((1e9, "B"), (1e6, "M"), (1e3, "K")) if value >= d)
         return next(scaled, f"{value:g}")
-    if kind == "pct":
+    if kind == "pct":  # already a percentage (trainable_pct)
         return f"{value:.4f}%"
+    if kind == "share":  # a fraction of 1 (metrics.json's parse_failure_rate), shown as a percentage
+        return f"{100 * value:.2f}%"
     if kind == "time":
         return f"{value / 60:.1f} min" if value >= 600 else f"{value:.1f} s"
     if kind == "bytes":
@@ -117,7 +119,9 @@ def markdown(table: dict[str, dict], settings: dict) -> str:
         lines.append("| " + " | ".join([variant, *values, f"{entry['ok']}/{entry['runs']}", status]) + " |")
     shared = ", ".join(f"{k} {settings[k]}" for k in ("num_train_epochs", "max_steps", "train_batch_size",
                        "gradient_accumulation_steps", "max_len", "max_src_len", "gradient_checkpointing",
-                       "quantization_bit", "log_steps", "zero_stage", "num_gpus", "launcher"))
+                       "quantization_bit", "log_steps", "zero_stage", "num_gpus", "launcher") if k in settings)
+    if settings.get("hostfile"):
+        shared += f", hostfile {settings['hostfile']} ({settings.get('world_size')} ranks)"
     return "\n".join([
         "# Method comparison", "",
         f"Model `{settings['model_dir']}` on {settings['device']}; train `{settings['train_path']}`, test "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import random
 import socket
@@ -18,11 +19,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from glmft import checkpoint
+from glmft import checkpoint, optim, rundir, snapshot
 from glmft.args import TrainArgs
 from glmft.data import SupervisedDataset, collate
+from glmft.health import Health
 from glmft.model import build_model, count_parameters, load_tokenizer, model_path, parameter_report
-from glmft.monitor import Monitor, log, peak_memory_gb, setup_logging
+from glmft.monitor import Meter, Monitor, log, peak_memory_gb, setup_logging
 
 # Values the script owns: a number written in ds_config.json for one of these would be a second home for it.
 FILLED = {("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",), ("train_batch_size",),
@@ -31,11 +33,11 @@ FILLED = {("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",),
           ("scheduler", "params", "warmup_max_lr")}
 
 
-ENGINE_DIR = "engine"  # inside a checkpoint: DeepSpeed's state and each rank's RNG, for --resume
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: training stops instead of learning from garbage."""
+ENGINE_DIR = checkpoint.ENGINE_DIR  # inside a checkpoint: DeepSpeed's state and each rank's RNG, for --resume
+# meta.json's record of how the weights were trained: --resume refuses a checkpoint that differs in any of them
+DATA_FIELDS = ("train_path", "max_len", "max_src_len", "prompt_text", "seed", "learning_rate")
+SCHEDULE_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio",
+                   "weight_decay", "quantization_bit")
 
 
 def init_distributed() -> tuple[int, int]:
@@ -91,12 +93,26 @@ def prepare_model(train: TrainArgs, method_args, tuner: types.ModuleType, dtype:
     return model, overrides
 
 
-def meta_record(train: TrainArgs, method_args, tuner, overrides: dict, step: int, epoch: int) -> dict:
+def run_identity(train: TrainArgs, method_args, tuner, world: int = 1, zero_stage: int = 0) -> dict:
+    """What makes two training segments one run (``--resume`` compares it with the checkpoint's meta.json)."""
     model_dir = train.model_dir if train.model_dir == "tiny" else str(model_path(train.model_dir).resolve())
-    keep = ("train_path", "max_len", "max_src_len", "prompt_text", "seed", "learning_rate")
-    return {"method": tuner.NAME, "method_args": dataclasses.asdict(method_args), "model_overrides": overrides,
-            "base_model": model_dir, "data": {k: getattr(train, k) for k in keep}, "step": step, "epoch": epoch,
-            "description": tuner.describe(method_args)}
+    return {"method": tuner.NAME, "method_args": dataclasses.asdict(method_args), "base_model": model_dir,
+            "data": {k: getattr(train, k) for k in DATA_FIELDS},
+            "training": {**{k: getattr(train, k) for k in SCHEDULE_FIELDS}, "world_size": world,
+                         "zero_stage": zero_stage}}
+
+
+def meta_record(train: TrainArgs, method_args, tuner, overrides: dict, step: int, epoch: int, world: int = 1,
+                zero_stage: int = 0, loss: float | None = None, dtype: str = "float32") -> dict:
+    """meta.json: the run's identity, the model overrides, the step, the training ``dtype`` (predict's default on a
+    GPU) and ``loss`` (the last logged training loss, which ``--save_total_limit`` keeps the best checkpoint by)."""
+    return {**run_identity(train, method_args, tuner, world, zero_stage), "model_overrides": overrides,
+            "step": step, "epoch": epoch, "description": tuner.describe(method_args), "dtype": dtype, "loss": loss}
+
+
+def engine_dtype(engine) -> str:
+    """The precision the engine trains in, as meta.json records it."""
+    return "float16" if engine.fp16_enabled() else "bfloat16" if engine.bfloat16_enabled() else "float32"
 
 
 def dry_run(train: TrainArgs, method_args, tuner: types.ModuleType) -> None:
@@ -106,37 +122,22 @@ def dry_run(train: TrainArgs, method_args, tuner: types.ModuleType) -> None:
     print(parameter_report(model))
 
 
-def save_checkpoint(engine, train, method_args, tuner, overrides, step: int, position: dict) -> None:
-    """Every rank writes its engine shard and RNG state into the staging dir; rank 0 adds weights + meta and
-    publishes it under its final name once all are done."""
-    staging = checkpoint.staging_dir(train.output_dir, step)
-    if dist.get_rank() == 0:
-        staging.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    engine.save_checkpoint(str(staging / ENGINE_DIR), tag="state", client_state=position,
-                           exclude_frozen_parameters=True)
-    rng = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    torch.save(rng, staging / ENGINE_DIR / f"rng_rank{dist.get_rank()}.pt")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        checkpoint.write_weights(engine.module, staging, tuner)
-        checkpoint.write_meta(staging, meta_record(train, method_args, tuner, overrides, step, position["epoch"]))
-        log.info("saved %s", checkpoint.publish(staging))
-    dist.barrier()
+def save_checkpoint(engine, train, method_args, tuner, overrides, step: int, position: dict,
+                    keep: Path | None = None) -> None:
+    """Checkpoint ``step`` (every rank calls this); ``keep``: the checkpoint this run resumed from, which
+    ``--save_total_limit`` must not delete."""
+    history = (position.get("summary") or {}).get("history") or [{}]
+    loss = history[-1].get("train/loss")
+    meta = meta_record(train, method_args, tuner, overrides, step, position["epoch"], dist.get_world_size(),
+                       engine.zero_optimization_stage(), loss if loss is None or math.isfinite(loss) else None,
+                       engine_dtype(engine))
+    snapshot.save(engine, train.output_dir, step, position, tuner, meta, train.save_total_limit,
+                  (keep,) if keep else ())
 
 
-def resume_state(engine, train: TrainArgs) -> dict:
-    found = checkpoint.latest(train.output_dir)
-    if found is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {train.output_dir}")
-    _, position = engine.load_checkpoint(str(found / ENGINE_DIR), tag="state", load_module_strict=False)
-    rng = torch.load(found / ENGINE_DIR / f"rng_rank{dist.get_rank()}.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    log.info("resumed from %s at step %d (epoch %d, batch %d)", found, position["step"], position["epoch"],
-             position["batch"])
-    return position
+def resume_state(engine, found: Path) -> dict:
+    """Continue from checkpoint ``found`` (checked by rundir.check_resume): engine state, data position, RNGs."""
+    return snapshot.restore(engine, found)
 
 
 def seed_everything(seed: int) -> None:
@@ -152,6 +153,12 @@ def run(train: TrainArgs, method_args, tuner: types.ModuleType) -> Path | None:
         return None
     rank, world = init_distributed()
     setup_logging(rank)
+    with rundir.claim(train, tuner.NAME):  # rank 0 holds the output directory's lock until the run ends
+        return train_run(train, method_args, tuner, rank, world)
+
+
+def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int, world: int) -> Path | None:
+    """The run itself, its output directory claimed."""
     seed_everything(train.seed)
     tokenizer = load_tokenizer(train.model_dir)
     dataset = SupervisedDataset(train.train_path, tokenizer, train.max_len, train.max_src_len, train.prompt_text)
@@ -167,79 +174,87 @@ def run(train: TrainArgs, method_args, tuner: types.ModuleType) -> Path | None:
                          f"{train.train_batch_size} x accumulation {train.gradient_accumulation_steps} x {world} ranks")
     total = train.max_steps or steps_per_epoch * train.num_train_epochs
     config = engine_config(train, total)
+    resumed = None
+    if train.resume:  # before the model is built: a mismatch fails in seconds, naming the differing options
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        resumed = rundir.check_resume(train.output_dir, run_identity(train, method_args, tuner, world, stage))
     model, overrides = prepare_model(train, method_args, tuner, train_dtype(config))
     if train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.config.use_cache = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, config=config)
-    log.info("%s | %s | dtype %s | world %d | effective batch %d | %d steps | %s", tuner.describe(method_args),
+    groups = optim.param_groups(model, train.weight_decay)
+    decay = optim.describe(groups, train.weight_decay)  # before initialize: ZeRO flattens the groups' tensors in place
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
+    log.info("%s | %s | dtype %s | world %d | effective batch %d | %d steps | %s | %s", tuner.describe(method_args),
              train.model_dir, train_dtype(config), world,
-             train.train_batch_size * train.gradient_accumulation_steps * world, total, dataset.summary())
+             train.train_batch_size * train.gradient_accumulation_steps * world, total, decay,
+             dataset.summary())
     log.info("%s", parameter_report(model))
-    position = resume_state(engine, train) if train.resume else {"step": 0, "epoch": 0, "batch": 0}
+    position = resume_state(engine, resumed) if resumed else {"step": 0, "epoch": 0, "batch": 0}
     trainable, all_params = count_parameters(model)
     info = {"method": tuner.NAME, "description": tuner.describe(method_args), "trainable_params": trainable,
             "all_params": all_params, "dtype": str(train_dtype(config)), "world_size": world}
     loop(engine, loader, sampler, dataset, train, total, position,
-         save=partial(save_checkpoint, engine, train, method_args, tuner, overrides), info=info)
-    return checkpoint.latest(train.output_dir)
+         save=partial(save_checkpoint, engine, train, method_args, tuner, overrides, keep=resumed), info=info)
+    final = checkpoint.latest(train.output_dir)
+    if rank == 0 and final is not None:
+        log.info("done: %s, %s", final, rundir.size_text(final))
+    return final
 
 
-def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict):
-    """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log and save on optimizer steps."""
+def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict) -> None:
+    """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log and save on optimizer steps.
+
+    Losses and token counts stay on ``engine.device`` (every tensor handed to a collective lives there, as NCCL
+    requires). The host reads them once per optimizer step (the divergence check) and at log and save steps, so the
+    device is never stalled per micro-batch."""
     step, epoch, skip = position["step"], position["epoch"], position["batch"]
+    earlier = position.get("summary")  # the run so far, when resuming
     board = Path(train.tensorboard_dir or Path(train.output_dir) / "runs") / (train.run_name or info["method"])
-    monitor = Monitor(dist.get_rank(), board, total, step)
-    window = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, real tokens since the last log
-    seen = torch.zeros(2, dtype=torch.float64)  # samples and real tokens trained on by this run (all ranks)
-    tick = time.perf_counter()
+    monitor = Monitor(dist.get_rank(), board, total, step, earlier)
+    meter, health = Meter(engine.device), Health(engine, train, earlier and earlier.get("health"))
+    size, tick = train.train_batch_size, time.perf_counter()
     while step < total and (train.max_steps or epoch < train.num_train_epochs):
         sampler.set_epoch(epoch)
+        order = list(sampler)  # this rank's record indices in this epoch's order, to name a bad batch's lines
         for batch_index, batch in enumerate(loader):
             if batch_index < skip:
                 continue  # resuming: these micro-batches were trained before the checkpoint
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch, logits_to_keep=1).loss
-            # Every rank learns of a non-finite loss on any rank, so all stop together (none hangs in a collective).
-            bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=loss.device)
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-            if bad.item():
-                lines = [dataset.records[i].line for i in list(sampler)[batch_index * train.train_batch_size:][
-                    : train.train_batch_size]]
-                raise NonFiniteLoss(
-                    f"loss is {loss.item()} on rank {dist.get_rank()} (non-finite on at least one rank) at step "
-                    f"{step + 1} (epoch {epoch}, batch {batch_index}, this rank's records on lines "
-                    f"{lines} of {train.train_path}). The run diverged: lower --learning_rate (now "
-                    f"{train.learning_rate:g}); under fp16, activations may overflow: try bf16 in "
-                    f"{train.deepspeed_config}. Nothing was saved from this step.")
+            health.record(loss, [dataset.records[i].line for i in order[batch_index * size:][:size]])
+            meter.add(loss, batch)
             engine.backward(loss)
+            if engine.is_gradient_accumulation_boundary():  # checked before step(): a NaN never reaches the weights
+                health.check_losses(step + 1, f"epoch {epoch}, batch {batch_index}")
             before = engine.global_steps
             engine.step()
-            tokens = batch["attention_mask"].sum().item()
-            window += torch.tensor([loss.item(), 1.0, tokens], dtype=torch.float64)
-            seen += torch.tensor([batch["input_ids"].shape[0], tokens], dtype=torch.float64)
             if engine.global_steps == before:
                 continue
             step += 1
+            health.stepped(step)
             scalars = None
             if step % train.log_steps == 0 or step == total:
-                dist.all_reduce(window)
-                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-                grad_norm = engine.get_global_grad_norm()
-                scalars = {"train/loss": window[0].item() / window[1].item(), "train/lr": engine.get_lr()[0],
-                           "train/grad_norm": float(grad_norm) if grad_norm is not None else 0.0,
-                           "train/tokens_per_s": window[2].item() / elapsed, "train/peak_mem_gb": peak_memory_gb()}
-                window.zero_()
+                scalars, tick = log_scalars(engine, meter, tick), time.perf_counter()
             monitor.step(step, scalars)
             done = step >= total
             if done or (train.save_steps and step % train.save_steps == 0):
-                save(step, {"step": step, "epoch": epoch, "batch": batch_index + 1})
+                health.settle(step)
+                summary = monitor.snapshot(*meter.totals(), health=health.state())
+                save(step, {"step": step, "epoch": epoch, "batch": batch_index + 1, "summary": summary})
             if done:
                 break
         epoch, skip = epoch + 1, 0
-    dist.all_reduce(seen)
-    wall = time.perf_counter() - monitor.start
-    monitor.close(Path(train.output_dir) / "train_summary.json",
-                  {**info, "steps": step, "samples": int(seen[0]), "tokens": int(seen[1]),
-                   "samples_per_s": seen[0].item() / wall, "tokens_per_s": seen[1].item() / wall})
+    health.settle(step)
+    monitor.close(Path(train.output_dir) / "train_summary.json", {**info, "steps": step, **health.summary()},
+                  *meter.totals())
+
+
+def log_scalars(engine, meter: Meter, tick: float) -> dict[str, float]:
+    """The TensorBoard scalars of a log step (the window since the last one, all ranks): one collective, one read."""
+    norm = engine.get_global_grad_norm()
+    loss, tokens, device_norm = meter.read_window(norm if torch.is_tensor(norm) else None)
+    norm = device_norm if torch.is_tensor(norm) else norm
+    return {"train/loss": loss, "train/lr": engine.get_lr()[0],
+            "train/grad_norm": float(norm) if norm is not None else 0.0,
+            "train/tokens_per_s": tokens / (time.perf_counter() - tick), "train/peak_mem_gb": peak_memory_gb()}

@@ -4,9 +4,12 @@ deepspeed launcher), the memory estimator's invariants, and --dry_run on the rea
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +21,9 @@ import torch
 from conftest import ROOT, prompt, tiny_model
 
 from chatglm.quantization import quantize_model
+from glmft import args as glmft_args
 from glmft import compare, estimate, report
+from glmft.predict import PredictArgs
 from glmft.tuners import TUNERS
 
 CONFIG = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "configs" / "chatglm-6b" / "config.json"
@@ -28,12 +33,18 @@ SMALL = ["--max_steps", "3", "--log_steps", "1", "--max_len", "96", "--max_src_l
          "--train_batch_size", "2"]
 
 
-def run_compare(*argv: str, timeout: int = 600) -> tuple[subprocess.CompletedProcess, float]:
+def run_compare(*argv: str, timeout: int = 600, code: int = 0) -> tuple[subprocess.CompletedProcess, float]:
     start = time.perf_counter()
     done = subprocess.run([sys.executable, str(ROOT / "compare.py"), *argv], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == code, done.stdout[-3000:] + done.stderr[-3000:]
     return done, time.perf_counter() - start
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def table_rows(markdown: str) -> dict[str, dict[str, str]]:
@@ -110,8 +121,9 @@ def test_force_reruns_through_deepspeed_and_a_failing_method_keeps_its_error(com
     argv = [a for a in argv if a != "freeze=--num_trainable_layers=1" and a != "--method_option"]
     before = (out / "embedding" / "seed1234" / "result.json").stat().st_mtime_ns
     # freeze keeps its default 5 layers, which the 2-layer tiny model does not have: its training fails
-    done, _ = run_compare(*argv, "--methods", "freeze,embedding", "--force", "--output_dir", str(out))
+    done, _ = run_compare(*argv, "--methods", "freeze,embedding", "--force", "--output_dir", str(out), code=1)
     assert "skipped" not in done.stdout and "[embedding-seed1234] done" in done.stdout
+    assert "1 of 2 runs failed: freeze-seed1234" in done.stderr  # exit code 1, after the report was written
     assert (out / "embedding" / "seed1234" / "result.json").stat().st_mtime_ns > before
     assert "launch.py" in (out / "embedding" / "seed1234" / "train.log").read_text()  # the deepspeed launcher ran
     failed = json.loads((out / "freeze" / "seed1234" / "result.json").read_text())
@@ -217,3 +229,169 @@ def test_dry_run_int4_shrinks_the_base(capsys):
     rows = parse_estimate(capsys.readouterr().out)
     assert 3.4 < float(rows["pt_noproj"]["weights"]) < 3.9  # INT4 layers + fp16 embeddings
     assert float(rows["pt_noproj"]["total (ckpt)"].strip("*")) < 8
+
+
+# ---- issue 10: defect 5 (INT4 config estimated as fp16), defect 15 (compare.py), ZeRO terms, multi-node ----------
+INT4_CONFIG = CONFIG.parents[1] / "chatglm-6b-int4" / "config.json"
+
+
+def test_dry_run_estimates_an_int4_config_as_int4(capsys):
+    """Defect 5: --quantization_bit 0 (the default) was passed as an override, turning the int4 model into fp16."""
+    if not INT4_CONFIG.is_file():
+        pytest.skip(f"{INT4_CONFIG} is absent (../shared is not beside this checkout)")
+    compare.run(compare.CompareArgs(model_dir=str(INT4_CONFIG), methods="lora,pt", dry_run=True))
+    out = capsys.readouterr().out
+    rows = parse_estimate(out)
+    assert "(INT4 base)" in out
+    assert 3.4 < float(rows["lora"]["weights"]) < 3.9 and rows["lora"]["total params"] == "3.359B"
+    with pytest.raises(ValueError, match="stores INT4 weights"):  # as the loader refuses it
+        compare.run(compare.CompareArgs(model_dir=str(INT4_CONFIG), methods="lora", quantization_bit=8, dry_run=True))
+
+
+def test_estimate_counts_zero3_partitioned_parameters_in_full():
+    model = tiny_prepared("lora", lora_r=4)
+    setting = estimate.Setting(batch=1, max_len=32, max_src_len=16)
+    whole = estimate.estimate(model, setting)
+    for p in model.parameters():  # what ZeRO-3 leaves on a rank: an empty tensor that knows its full size
+        p.ds_numel = p.numel()
+        p.data = torch.empty(0, dtype=p.dtype)
+    partitioned = estimate.estimate(model, setting)
+    assert (partitioned.trainable, partitioned.total, partitioned.weights) == (whole.trainable, whole.total,
+                                                                               whole.weights)
+
+
+def test_rank_elements_partition_as_zero_does():
+    sizes = [(1000, True), (10, True), (200_000, False), (50, False)]
+    one = {s: estimate.rank_elements(sizes, estimate.Setting(1, 8, 4, s, 4)) for s in (0, 1, 2, 3)}
+    assert one[0] == {"master": 1010, "moments": 2020, "grads": 1010, "weights": 201_060}
+    assert one[1]["master"] == one[2]["master"] == one[3]["master"] == 1010 / 4
+    assert (one[1]["grads"], one[2]["grads"], one[3]["grads"]) == (1010, 1010 / 4, 1010 / 4)
+    assert one[1]["weights"] == one[2]["weights"] == 201_060
+    # ZeRO-3: a padded quarter of each parameter; the three below the persistence threshold also stay whole
+    assert one[3]["weights"] == 250 + 3 + 50_000 + 13 + 1000 + 10 + 50
+    offload = estimate.setting_for(json.loads((ROOT / "ds_config.json").read_text()), 2, 8, 4, 2)
+    assert (offload.zero_stage, offload.offload_optimizer, offload.offload_param) == (1, False, False)
+    zero3 = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"},
+                                   "offload_optimizer": {"device": "cpu"}, "stage3_max_live_parameters": 100}}
+    offload = estimate.setting_for(zero3, 2, 8, 4, 2)
+    assert (offload.offload_optimizer, offload.offload_param, offload.live_params) == (True, True, 100)
+    est = estimate.estimate(tiny_prepared("lora", lora_r=4), offload)
+    assert est.states == 2 * est.trainable // 2 and est.host > 16 * est.trainable // 2
+
+
+@pytest.mark.slow
+def test_zero_partitions_measured_on_two_cpu_ranks_match_the_estimate(tmp_path):
+    """bench/zero_partition.py on a real 2-rank DeepSpeed engine (gloo): per rank, the fp32 master partition, Adam's
+    m + v, the gradients and the weights under ZeRO-1/2/3 are what glmft.estimate.rank_elements predicts."""
+    out = tmp_path / "zero.json"
+    done = subprocess.run([shutil.which("deepspeed") or "deepspeed", "--num_gpus", "2", "--master_port",
+                           str(free_port()), str(ROOT / "bench" / "zero_partition.py"), "--method", "freeze",
+                           "--persistence", "10000", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert sorted((r["stage"], r["rank"]) for r in rows) == [(s, r) for s in (1, 2, 3) for r in (0, 1)]
+    for row in rows:
+        for kind, predicted in row["predicted"].items():
+            assert 0 <= row["measured"][kind] - predicted <= 4 * (32 if kind == "weights" else 1), (row, kind)
+    stage3 = next(r for r in rows if r["stage"] == 3)
+    assert stage3["measured"]["weights"] < stage3["total"] * 0.75  # really partitioned
+
+
+def test_parse_fail_column_is_a_percentage():
+    """Defect 15a: metrics.json's parse_failure_rate is a fraction; the column printed 100% as 1.0000%."""
+    flat = {"variant": "lora", "method": "lora", "seed": 1, "status": "ok", "parse_failure_rate": 1.0}
+    settings = {**dataclasses.asdict(compare.CompareArgs()), "device": "cpu", "zero_stage": 1}
+    rows = table_rows(report.markdown(report.aggregate([flat]), settings))
+    assert rows["lora"]["parse fail"] == "100.00%"
+    flat2 = {**flat, "seed": 2, "parse_failure_rate": 0.25}
+    assert report.cell(report.aggregate([flat, flat2])["lora"]["values"], "parse_failure_rate", "share") == (
+        "62.50% ± 53.03%")
+
+
+def test_misspelt_options_are_refused_everywhere():
+    """Defect 15b: argparse's prefix matching took --learning_rat for --learning_rate in the scripts, while compare
+    ignored it and reported the default lr."""
+    with pytest.raises(SystemExit):
+        glmft_args.parse(TUNERS["lora"], ["--learning_rat", "0.05"])
+    with pytest.raises(SystemExit):
+        glmft_args.parse_one(PredictArgs, "predict", ["--ckpt", "output/lora"])
+    with pytest.raises(ValueError, match="has no option --learning_rat=0.05"):
+        compare.CompareArgs(method_option=("lora=--learning_rat=0.05",))
+    with pytest.raises(ValueError, match="has no option --lora_r"):
+        compare.CompareArgs(methods="pt", method_option=("pt=--lora_r=4",))
+    with pytest.raises(ValueError, match="--max_steps is set by compare.py"):
+        compare.CompareArgs(method_option=("lora=--max_steps 3",))
+    with pytest.raises(ValueError, match="--lora_r must be at least 1"):
+        compare.CompareArgs(method_option=("lora=--lora_r=0",))
+    args = compare.CompareArgs(method_option=("lora=--learning_rate=0.05", "lora=--lora_r 4"))
+    method, lr = compare.method_args(args, "lora")
+    assert lr == 0.05 and method.lora_r == 4
+    assert compare.method_args(args, "pt")[1] == TUNERS["pt"].DEFAULT_LR
+
+
+def fake_steps(monkeypatch) -> list[str]:
+    """Training and prediction that only record that they ran."""
+    ran: list[str] = []
+
+    def train(args, result, run_dir, ds_config):
+        ran.append(result["variant"])
+        result["train"] = {}
+
+    def predict(result, run_dir):
+        result["metrics"] = {"sample_f1": 0.5}
+
+    monkeypatch.setattr(compare, "train", train)
+    monkeypatch.setattr(compare, "predict", predict)
+    return ran
+
+
+def test_a_data_file_changed_in_place_runs_again(tmp_path, monkeypatch):
+    """Defect 15c: the skip compared the options only, so an edited test file kept the old scores."""
+    ran = fake_steps(monkeypatch)
+    train, test, ds = tmp_path / "train.jsonl", tmp_path / "test.jsonl", tmp_path / "ds.json"
+    train.write_text('{"text": "a", "answer": "b"}\n')
+    test.write_text('{"text": "c", "answer": "d"}\n')
+    ds.write_text("{}")
+    args = compare.CompareArgs(train_path=str(train), test_path=str(test), output_dir=str(tmp_path / "out"),
+                               methods="lora", launcher="python")
+    for _ in range(2):
+        compare.run_one(args, "lora", 1, ds)
+    assert ran == ["lora"]  # the second was skipped
+    test.write_text('{"text": "c", "answer": "e"}\n')  # same name, same size, other contents
+    compare.run_one(args, "lora", 1, ds)
+    assert ran == ["lora", "lora"]
+    train.write_text('{"text": "a", "answer": "c"}\n')
+    compare.run_one(args, "lora", 1, ds)
+    assert len(ran) == 3
+
+
+@pytest.mark.slow
+def test_compare_exits_nonzero_after_writing_the_report_when_a_run_failed(tmp_path):
+    """Defect 15d: every run failing (no such model) still gave exit code 0."""
+    done, _ = run_compare("--model_dir", str(tmp_path / "nonexistent"), "--methods", "lora", "--launcher", "python",
+                          "--output_dir", str(tmp_path / "out"), *SMALL, code=1, timeout=300)
+    rows = table_rows((tmp_path / "out" / "comparison.md").read_text())
+    assert rows["lora"]["seeds"] == "0/1" and "no config.json" in rows["lora"]["status"]
+    assert "1 of 1 runs failed: lora-seed1234" in done.stderr
+
+
+def test_hostfile_is_passed_to_the_deepspeed_launcher(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-a slots=8\n\nnode-b slots=8\nnode-c slots=4\n")
+    args = compare.CompareArgs(hostfile=str(hostfile), num_nodes=2, num_gpus=8)
+    cmd = compare.launcher(args)
+    assert cmd[1:] == ["--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8"]
+    assert args.nodes() == ["node-a", "node-b"] and args.world_size() == 16
+    assert compare.CompareArgs(hostfile=str(hostfile), num_gpus=4).world_size() == 12
+    assert "--master_port" in compare.launcher(compare.CompareArgs(num_gpus=2))  # one node: a free local port
+    for bad, message in (({"num_gpus": 8}, r"node-c \(slots=4\) has fewer"),
+                         ({"num_nodes": 4}, "asks for more than its 3 hosts"),
+                         ({"launcher": "python"}, "needs --launcher deepspeed")):
+        with pytest.raises(ValueError, match=message):
+            compare.CompareArgs(hostfile=str(hostfile), **bad)
+    hostfile.write_text("node-a slots=8\nnode-a slots=8\n")
+    with pytest.raises(ValueError, match=f"{hostfile}, line 2: 'node-a slots=8' is not a new"):
+        compare.CompareArgs(hostfile=str(hostfile))
+    with pytest.raises(ValueError, match="--num_nodes needs --hostfile"):
+        compare.CompareArgs(num_nodes=2)

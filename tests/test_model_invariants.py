@@ -177,3 +177,22 @@ def test_loss_ignores_minus_100_and_logits_to_keep_does_not_change_it(model):
     assert last.logits.shape[1] == 1
     torch.testing.assert_close(full.loss, manual)
     torch.testing.assert_close(last.loss, full.loss)
+
+
+def test_layout_checks_never_stall_an_accelerator_training_forward():
+    """A missing <sop>/[gMASK] is caught on the CPU and at inference; a training forward on an accelerator (where
+    reading the flag back would stall the device every micro-batch) trusts glmft.data's layout instead."""
+    from chatglm.modeling_chatglm import build_position_ids, context_lengths
+
+    config = tiny_config()
+    no_sop = torch.tensor([[5, 6, 7, config.gmask_token_id]])
+    with pytest.raises(ValueError, match="<sop>"):
+        context_lengths(no_sop, config.bos_token_id)
+    no_mask = torch.tensor([[5, 6, 7, config.bos_token_id]])
+    with pytest.raises(ValueError, match=r"\[gMASK\]"):
+        build_position_ids(no_mask, config)
+    on_device = torch.tensor([prompt([5, 6], [7])], device="meta")  # stands in for a CUDA tensor: no host reads
+    assert context_lengths(on_device, config.bos_token_id).shape == (1,)
+    assert build_position_ids(on_device, config).shape == (1, 2, on_device.shape[1])
+    with torch.no_grad(), pytest.raises(RuntimeError, match="meta"):  # inference reads the flag on the host
+        context_lengths(on_device, config.bos_token_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import sys
 import pytest
 import torch
 from conftest import ROOT
+from safetensors.torch import load_file, save_file
 
 import chatglm
 from chatglm.modeling_chatglm import SafeScoresProcessor
@@ -119,3 +121,111 @@ def test_predict_script_end_to_end_is_deterministic(base_dir, tmp_path):
         assert metrics["settings"]["merge"] is False and metrics["method"] == "lora"
         outputs.append((tmp_path / run / "predictions.jsonl").read_text())
     assert outputs[0] == outputs[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Precision: meta.json records the training dtype; predict uses it on CUDA unless --dtype says otherwise
+# ----------------------------------------------------------------------------------------------------------------
+def test_meta_json_records_the_training_dtype():
+    from types import SimpleNamespace
+
+    from glmft.train import engine_dtype
+
+    tuner = TUNERS["embedding"]
+    args = tuner.Args()
+    train = TrainArgs(max_len=200, max_src_len=150)
+    assert meta_record(train, args, tuner, {}, 2, 0)["dtype"] == "float32"
+    for fp16, bf16, name in ((True, False, "float16"), (False, True, "bfloat16"), (False, False, "float32")):
+        engine = SimpleNamespace(fp16_enabled=lambda v=fp16: v, bfloat16_enabled=lambda v=bf16: v)
+        assert engine_dtype(engine) == name
+        assert meta_record(train, args, tuner, {}, 2, 0, dtype=engine_dtype(engine))["dtype"] == name
+
+
+def test_predict_dtype_follows_meta_on_cuda_fp32_on_cpu_and_dtype_overrides(monkeypatch, tmp_path):
+    cuda, cpu, ckpt = torch.device("cuda"), torch.device("cpu"), tmp_path
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert predict.predict_dtype("auto", {"dtype": "bfloat16"}, ckpt, cuda) == torch.bfloat16
+    assert predict.predict_dtype("auto", {"dtype": "float32"}, ckpt, cuda) == torch.float32
+    assert predict.predict_dtype("auto", {}, ckpt, cuda) == torch.float16  # written before meta.json had it
+    assert predict.predict_dtype("auto", {"dtype": "bfloat16"}, ckpt, cpu) == torch.float32
+    assert predict.predict_dtype("bf16", {"dtype": "float16"}, ckpt, cpu) == torch.bfloat16
+    with pytest.raises(ValueError, match=r"meta\.json: dtype 'half16'"):
+        predict.predict_dtype("auto", {"dtype": "half16"}, ckpt, cuda)
+    with pytest.raises(ValueError, match="--dtype must be auto, fp32, fp16, bf16"):
+        predict.PredictArgs(ckpt_dir="x", dtype="float64")
+
+
+def test_predict_runs_in_the_dtype_asked_for(base_dir, tmp_path):
+    make_checkpoint("lora", base_dir, tmp_path / "ckpt")
+    result = predict.run(predict.PredictArgs(test_path=str(TEST), ckpt_dir=str(tmp_path / "ckpt"), limit=2,
+                                             max_new_tokens=2, dtype="bf16"), TUNERS["lora"])
+    assert result["dtype"] == "bfloat16" and result["settings"]["dtype"] == "bf16"
+
+
+@pytest.mark.gpu
+def test_predict_on_cuda_uses_the_dtype_recorded_in_meta_json(base_dir, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    make_checkpoint("lora", base_dir, tmp_path / "ckpt")
+    meta = json.loads((tmp_path / "ckpt" / "meta.json").read_text())
+    (tmp_path / "ckpt" / "meta.json").write_text(json.dumps({**meta, "dtype": "bfloat16"}))
+    args = predict.PredictArgs(test_path=str(TEST), ckpt_dir=str(tmp_path / "ckpt"), limit=2, max_new_tokens=2)
+    assert predict.run(args, TUNERS["lora"])["dtype"] == "bfloat16"
+    args.dtype = "fp32"
+    assert predict.run(args, TUNERS["lora"])["dtype"] == "float32"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Non-finite logits are counted and reported, not hidden
+# ----------------------------------------------------------------------------------------------------------------
+def test_nonfinite_logits_are_counted_in_metrics_and_warned_about(base_dir, tmp_path, capsys):
+    make_checkpoint("embedding", base_dir, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / checkpoint.WEIGHTS_FILE
+    state = load_file(weights)
+    state = {k: torch.full_like(v, float("nan")) for k, v in state.items()}  # a diverged run's embedding
+    save_file(state, weights, metadata={"format": "pt"})
+    args = predict.PredictArgs(test_path=str(TEST), ckpt_dir=str(tmp_path / "ckpt"), limit=3, max_new_tokens=2,
+                               batch_size=2)
+    result = predict.run(args, TUNERS["embedding"])
+    assert result["nonfinite_logits"] == {"records": 3, "positions": 6}  # every generated position of every record
+    saved = json.loads((tmp_path / "ckpt" / "predict" / "metrics.json").read_text())
+    assert saved["nonfinite_logits"] == {"records": 3, "positions": 6}
+    rows = [json.loads(line) for line in (tmp_path / "ckpt" / "predict" / "predictions.jsonl").open()]
+    assert [r["nonfinite_positions"] for r in rows] == [2, 2, 2]
+    assert "WARNING: NaN/inf logits at 6 generated positions in 3 of 3 records" in capsys.readouterr().out
+
+
+def test_finite_run_reports_zero_nonfinite(base_dir, tmp_path, capsys):
+    make_checkpoint("pt", base_dir, tmp_path / "ckpt")
+    args = predict.PredictArgs(test_path=str(TEST), ckpt_dir=str(tmp_path / "ckpt"), limit=2, max_new_tokens=2,
+                               num_beams=2)
+    assert predict.run(args, TUNERS["pt"])["nonfinite_logits"] == {"records": 0, "positions": 0}
+    assert "WARNING" not in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# meta.json problems name the file and the field
+# ----------------------------------------------------------------------------------------------------------------
+def test_missing_base_model_recorded_in_meta_json_says_so(base_dir, tmp_path):
+    moved = tmp_path / "base"
+    shutil.copytree(base_dir, moved)
+    make_checkpoint("embedding", moved, tmp_path / "ckpt")
+    shutil.rmtree(moved)
+    with pytest.raises(FileNotFoundError) as err:
+        predict.load(predict.PredictArgs(ckpt_dir=str(tmp_path / "ckpt")), TUNERS["embedding"], torch.device("cpu"))
+    message = str(err.value)
+    assert str(tmp_path / "ckpt" / "meta.json") in message and str(moved.resolve()) in message
+    assert "is missing" in message and "pass --model_dir" in message and not message.startswith("--model_dir")
+    args = predict.PredictArgs(ckpt_dir=str(tmp_path / "ckpt"), model_dir=str(base_dir))
+    assert predict.load(args, TUNERS["embedding"], torch.device("cpu"))[0] is not None  # --model_dir repairs it
+
+
+@pytest.mark.parametrize("field", ["data", "data.max_src_len", "method_args"])
+def test_meta_json_without_a_field_names_file_and_field(base_dir, tmp_path, field):
+    make_checkpoint("embedding", base_dir, tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "meta.json"
+    meta = json.loads(path.read_text())
+    del (meta["data"] if field.startswith("data.") else meta)[field.removeprefix("data.")]
+    path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=re.escape(f"{path}: no {field}")):
+        predict.run(predict.PredictArgs(ckpt_dir=str(tmp_path / "ckpt"), test_path=str(TEST)), TUNERS["embedding"])

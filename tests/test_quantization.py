@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import prompt, tiny_model
+from conftest import ROOT, prompt, tiny_model
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -269,6 +272,82 @@ def test_quantized_checkpoint_refuses_other_bits_and_missing_scales(tmp_path):
     save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"transformer\.layers\.1\.mlp\.dense_h_to_4h\.weight_scale"):
         ChatGLMForConditionalGeneration.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Casting the whole model (bf16 training): the scales keep the checkpoint's fp16
+# ----------------------------------------------------------------------------------------------------------------
+def deepspeed_cast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """What DeepSpeed's engine does to the module under an fp16/bf16 config: every float parameter's ``.data``."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_scales_keep_fp16_through_casts_to_bf16(tmp_path, bits):
+    quantize_model(tiny_model(), bits).save_pretrained(tmp_path)
+    loaded_in_bf16 = ChatGLMForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    casts = {
+        "module.to": ChatGLMForConditionalGeneration.from_pretrained(tmp_path).eval().to(torch.bfloat16),
+        "bfloat16()": ChatGLMForConditionalGeneration.from_pretrained(tmp_path).eval().bfloat16(),
+        "deepspeed": deepspeed_cast(ChatGLMForConditionalGeneration.from_pretrained(tmp_path).eval(), torch.bfloat16),
+    }
+    expected = logits(loaded_in_bf16)
+    for how, model in casts.items():
+        layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+        assert {m.weight_scale.dtype for m in layers} == {torch.float16}, how
+        assert {m.bias.dtype for m in layers} == {torch.bfloat16}, how  # everything else does follow the cast
+        assert torch.equal(logits(model), expected), how
+    # a device move or a same-dtype assignment still goes through; new values are stored as fp16
+    layer = casts["module.to"].transformer.layers[0].mlp.dense_4h_to_h
+    layer.weight_scale.data = torch.ones(64, dtype=torch.float32)
+    assert layer.weight_scale.dtype == torch.float16 and bool((layer.weight_scale == 1).all())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.gpu
+def test_moving_to_cuda_in_bf16_moves_the_scales_and_keeps_fp16(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    quantize_model(tiny_model(), 4).save_pretrained(tmp_path)
+    model = ChatGLMForConditionalGeneration.from_pretrained(tmp_path).eval().to("cuda", torch.bfloat16)
+    layer = model.transformer.layers[0].attention.query_key_value
+    assert layer.weight_scale.device.type == "cuda" and layer.weight_scale.dtype == torch.float16
+    loaded = ChatGLMForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16).eval().cuda()
+    assert torch.equal(logits(model, IDS.cuda()), logits(loaded, IDS.cuda()))
+
+
+@pytest.mark.slow
+def test_deepspeed_bf16_engine_keeps_fp16_scales(tmp_path):
+    """The real engine (bf16 config, DeepSpeed's CPU accelerator): the module it trains keeps fp16 scales."""
+    quantize_model(tiny_model(), 4).save_pretrained(tmp_path)
+    script = f"""
+import os, torch, deepspeed
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+deepspeed.init_distributed(dist_backend="gloo")
+from chatglm import ChatGLMForConditionalGeneration
+from chatglm.quantization import QuantizedLinear
+model = ChatGLMForConditionalGeneration.from_pretrained({str(tmp_path)!r})
+for name, p in model.named_parameters():
+    p.requires_grad_(name.endswith("layernorm.weight"))
+config = {{"train_micro_batch_size_per_gpu": 1, "bf16": {{"enabled": True}},
+          "optimizer": {{"type": "AdamW", "params": {{"lr": 1e-3}}}}}}
+engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                  config=config)
+layers = [m for m in engine.module.modules() if isinstance(m, QuantizedLinear)]
+embedding = engine.module.transformer.word_embeddings.weight
+print("DTYPES", sorted({{str(m.weight_scale.dtype) for m in layers}}), embedding.dtype)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "DTYPES ['torch.float16'] torch.bfloat16" in done.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------------

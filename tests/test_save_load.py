@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from conftest import prompt, tiny_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from chatglm import ChatGLMForConditionalGeneration, ChatGLMModel
+from chatglm import ChatGLMConfig, ChatGLMForConditionalGeneration, ChatGLMModel
 
 IDS = torch.tensor([prompt([10, 11, 12], [20, 21], eop=True)])
 
@@ -90,3 +91,42 @@ def test_new_prefix_encoder_on_a_base_checkpoint_is_initialised_as_the_original(
     model = ChatGLMForConditionalGeneration.from_pretrained(tmp_path, pre_seq_len=64)
     weight = model.transformer.prefix_encoder.embedding.weight
     assert 0.8 < weight.std().item() < 1.2  # N(0, 1) as PyTorch's default Embedding init, not 0.02
+
+
+def test_ptuning_checkpoint_without_pre_seq_len_fails_naming_the_prefix_tensors(tmp_path):
+    """Unexpected tensors are an error too: without pre_seq_len the model has no prefix encoder, and loading a
+    P-Tuning checkpoint into it would silently run without the trained prefix."""
+    tiny_model(pre_seq_len=4, prefix_projection=True).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unexpected tensor transformer\.prefix_encoder\.embedding\.weight") as err:
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path, pre_seq_len=None)
+    assert "pass pre_seq_len" in str(err.value) and "prefix_projection=True" in str(err.value)
+    assert "transformer.prefix_encoder.trans.2.weight" in str(err.value)
+    with pytest.raises(ValueError, match=r"prefix_encoder\.trans\.0\.weight.*pass prefix_projection=True"):
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path, prefix_projection=False)
+    loaded = ChatGLMForConditionalGeneration.from_pretrained(tmp_path).eval()  # as saved: pre_seq_len in config.json
+    assert torch.equal(logits(loaded), logits(tiny_model(pre_seq_len=4, prefix_projection=True)))
+
+
+def test_stray_tensor_in_a_checkpoint_is_named(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["transformer.layers.1.mlp.extra.weight"] = torch.zeros(3)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"unexpected tensor transformer\.layers\.1\.mlp\.extra\.weight"):
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["gmask_token_id", "bos_token_id"])
+def test_config_without_a_special_token_id_fails_at_load_naming_file_and_field(tmp_path, field):
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config[field]  # the class default (130001, the released vocabulary's) would not fit this 100-id vocabulary
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: no {field}")):
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=rf"no {field}"):
+        ChatGLMConfig.from_pretrained(tmp_path)  # the dry run's meta-device path reads the config alone
+    config[field] = 130001
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config\.json: special token ids outside the vocabulary .*{field}=130001"):
+        ChatGLMForConditionalGeneration.from_pretrained(tmp_path)

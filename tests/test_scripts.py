@@ -156,8 +156,10 @@ def smoke(tmp_path_factory):
                                "--output_dir", str(work / "lora_2ranks")])
     pool.start("pt_python", [sys.executable, "finetuning_pt.py", *SMALL, "--max_steps", "4",
                              "--output_dir", str(work / "pt_python")])
-    pool.start("diverges", [sys.executable, "finetuning_embedding.py", *SMALL, "--learning_rate", "1e30",
-                            "--warmup_ratio", "0", "--max_steps", "8", "--output_dir", str(work / "diverges")])
+    # the case: on the CPU (fp32) DeepSpeed skips every step from the 4th on (inf grad norm), the loss stays
+    # finite, and the run used to end "successfully" with an adapter of |B| ~ 3e5
+    pool.start("lora_lr1e6", [sys.executable, "finetuning_lora.py", *SMALL, "--max_steps", "30", "--learning_rate",
+                              "1e6", "--output_dir", str(work / "lora_lr1e6")])
     yield work, pool
     pool.close()
 
@@ -179,6 +181,7 @@ def test_deepspeed_run_writes_checkpoint_and_learns(smoke, method):
     assert meta["step"] == STEPS
     assert {k: meta["method_args"][k] for k in METHODS[method][1]} == METHODS[method][1]
     assert meta["data"]["max_len"] == 128 and meta["data"]["max_src_len"] == 64
+    assert meta["dtype"] == "float32"  # the CPU engine trains in fp32 (ds_config.json asks for fp16)
     assert meta["data"]["train_path"].endswith("four.jsonl")
 
     weights = trained_weights(ckpt)
@@ -191,6 +194,14 @@ def test_deepspeed_run_writes_checkpoint_and_learns(smoke, method):
                   "pt": "transformer.prefix_encoder."}[method]
         assert all(k.startswith(prefix) for k in weights), sorted(weights)
 
+    # the optimizer DeepSpeed ran (its saved state) has the weight-decay groups: none for biases, norms, embeddings
+    # and the prefix; the run header reports both
+    optim_state = torch.load(next((ckpt / "engine").rglob("*optim_states.pt")), weights_only=False)
+    decays = [g["weight_decay"] for g in optim_state["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]]
+    assert decays == {"freeze": [0.1, 0.0], "embedding": [0.0], "pt": [0.0], "lora": [0.1]}[method]
+    assert re.search(r"decay 0\.1: \d+ tensors / [\d,]+ values, no decay: \d+ tensors / [\d,]+ values", done.output)
+    assert json.loads((out / "train_summary.json").read_text())["skipped_steps"] == 0
+
     logged = scalars(out, method)
     assert set(SCALARS) <= logged.keys(), sorted(logged)
     loss = logged["train/loss"]
@@ -199,6 +210,15 @@ def test_deepspeed_run_writes_checkpoint_and_learns(smoke, method):
     assert last < first - 0.05, f"loss did not fall: {loss}"
     assert max(logged["train/lr"]) > 0 and all(x > 0 for x in logged["train/tokens_per_s"])
     assert all(math.isfinite(x) and x > 0 for x in logged["train/grad_norm"][1:])
+
+
+def test_skipped_steps_fail_a_diverging_run(smoke):
+    work, pool = smoke
+    done = pool.result("lora_lr1e6")
+    assert done.rc != 0, done.tail()
+    assert "BadSteps" in done.output and "optimizer steps had non-finite gradients" in done.output, done.tail()
+    assert "DeepSpeed skipped" in done.output and "lower --learning_rate (now 1e+06)" in done.output
+    assert not checkpoints(work / "lora_lr1e6")
 
 
 def test_two_gloo_ranks_save_once(smoke):
@@ -272,6 +292,16 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], rtol=0, atol=1e-6, msg=name)
     assert not list((tmp_path / "b").glob("checkpoint-*.partial"))
+    # the summary and TensorBoard cover the whole run once: each log step once, the same totals as A's
+    summary_a, summary_b = (json.loads((tmp_path / x / "train_summary.json").read_text()) for x in "ab")
+    assert [h["step"] for h in summary_b["history"]] == list(range(1, steps + 1))
+    assert (summary_b["samples"], summary_b["tokens"]) == (summary_a["samples"], summary_a["tokens"])
+    assert summary_b["wall_seconds"] > summary_b["history"][every - 1]["wall_s"] > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "b" / "runs" / "lora"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, steps + 1))
 
 
 # ------------------------------------------------------------------------------------------ dry runs and bad input

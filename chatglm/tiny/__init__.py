@@ -15,6 +15,8 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
     """``"tiny"`` names the bundled tiny model; anything else is a local directory, checked to exist."""
     if str(model_dir) == "tiny":
         return TINY_DIR
+    if str(model_dir) == "mini":  # the CPU-pretrained small model (chatglm/mini/README.md)
+        return TINY_DIR.parent / "mini"
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model_dir {model_dir}: no config.json there (a local model directory, or 'tiny')")

@@ -41,8 +41,12 @@ class Args:
 def chosen_layers(args: Args, num_layers: int) -> list[int]:
     layers = args.layer_list() or list(range(num_layers - args.num_trainable_layers, num_layers))
     bad = [i for i in layers if not 0 <= i < num_layers]
-    if bad or len(layers) > num_layers:
-        raise ValueError(f"freeze: layers {bad or layers} do not exist in a {num_layers}-layer model")
+    if bad:
+        fix = ("fix --trainable_layers" if args.layer_list() else
+               f"--num_trainable_layers {args.num_trainable_layers} asks for more (the default 5 suits chatglm-6b's "
+               f"28 layers): use --num_trainable_layers {num_layers} or less, or --trainable_layers")
+        raise ValueError(f"freeze: layers {bad} do not exist in a {num_layers}-layer model (it has layers 0 to "
+                         f"{num_layers - 1}): {fix}")
     return sorted(set(layers))
 
 

@@ -7,13 +7,14 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import Linear as LoraLinear
-from safetensors.torch import load_file
 from torch import nn
 
 from chatglm.quantization import QuantizedLinear, is_quantized
 from glmft.args import opt
+from glmft.checkpoint import gathered, read_tensors, writing
 from glmft.tuners.base import freeze_all
 
 NAME = "lora"
@@ -67,9 +68,14 @@ def merge(model: PeftModel) -> nn.Module:
     return model.merge_and_unload()
 
 
-def save_weights(model: PeftModel, directory: Path) -> None:
-    """The PEFT adapter format (adapter_config.json + adapter_model.safetensors), loadable by PEFT itself."""
-    model.save_pretrained(directory)
+def save_weights(model: PeftModel, directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """The PEFT adapter format (adapter_config.json + adapter_model.safetensors), loadable by PEFT itself.
+
+    ``state`` is the gathered trainable state (glmft.checkpoint.trainable_state): PEFT would otherwise read the
+    parameters themselves, which under ZeRO-3 are this rank's slice only.
+    """
+    with writing(directory / ADAPTER_FILE):
+        model.save_pretrained(directory, state_dict=state)
 
 
 def load_weights(model: PeftModel, directory: Path) -> None:
@@ -79,8 +85,10 @@ def load_weights(model: PeftModel, directory: Path) -> None:
     found = {"r": config["r"], "target_modules": set(config["target_modules"])}
     if expected != found:
         raise ValueError(f"{directory}: adapter has {found}, the model was built with {expected}")
-    state = load_file(Path(directory) / ADAPTER_FILE)
-    result = set_peft_model_state_dict(model, state)
+    state = read_tensors(Path(directory) / ADAPTER_FILE)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    with gathered(adapters, modify=True):  # under ZeRO-3 each rank holds a slice: load into the whole tensors
+        result = set_peft_model_state_dict(model, state)
     missing = [k for k in result.missing_keys if "lora_" in k]
     if missing or result.unexpected_keys:
         raise ValueError(f"{directory}: adapter does not fit the model (missing {missing[:5]}, unexpected "
