@@ -11,7 +11,7 @@ from glmft.data import SupervisedDataset, collate
 from glmft.model import count_parameters
 from glmft.tuners import TUNERS, base
 
-H, L, INNER, R, P = 64, 2, 256, 4, 3
+H, L, INNER, R, P, A = 64, 2, 256, 4, 3, 8
 LAYER = 4 * H + (3 * H * H + 3 * H) + (H * H + H) + (INNER * H + INNER) + (H * INNER + H)
 
 CASES = {
@@ -22,6 +22,10 @@ CASES = {
     "pt_projection": (dict(pre_seq_len=P, prefix_projection=True),
                       lambda v: P * H + H * H + H + H * 2 * L * H + 2 * L * H),
     "lora": (dict(lora_r=R), lambda v: L * R * (H + 3 * H)),
+    # every bias: layernorms (2H), query_key_value (3H), dense (H), dense_h_to_4h (INNER), dense_4h_to_h (H); final LN
+    "bitfit": ({}, lambda v: L * (7 * H + INNER) + H),
+    "ia3": ({}, lambda v: L * (3 * H + INNER)),  # query_key_value's output, dense_4h_to_h's input
+    "adapter": (dict(adapter_size=A), lambda v: L * 2 * (H * A + A + A * H + H)),  # two bottlenecks per layer
 }
 
 
@@ -54,6 +58,14 @@ def expected_names(case: str, names: list[str]) -> set[str]:
         return {"transformer.word_embeddings.weight"}
     if case.startswith("pt"):
         return {n for n in names if n.startswith("transformer.prefix_encoder.")}
+    if case == "bitfit":
+        return {n for n in names if n.endswith(".bias")}
+    if case == "ia3":
+        return {f"base_model.model.transformer.layers.{i}.{m}.ia3_l.default" for i in range(L)
+                for m in ("attention.query_key_value", "mlp.dense_4h_to_h")}
+    if case == "adapter":
+        return {f"transformer.layers.{i}.{site}.adapter.{part}.{w}" for i in range(L) for w in ("weight", "bias")
+                for site in ("attention.dense", "mlp.dense_4h_to_h") for part in ("down", "up")}
     return {n for n in names if ".lora_A." in n or ".lora_B." in n}
 
 
@@ -84,7 +96,9 @@ def test_loss_falls_when_overfitting_four_examples(case, batch):
     model.train()
     # In the random tiny model attention adds little next to the sqrt(56)-scaled residual, so a prefix (N(0, 1)
     # keys/values, as the original initialises them) needs larger steps to show an effect within 30 steps.
-    lr = {"pt": 1.0, "pt_projection": 5e-2}.get(case, 1e-2)
+    # (IA)^3 and the adapters act inside those same weak sublayers (rescaling vectors starting at one, bottlenecks
+    # starting at zero), so they too need larger steps here than on a pretrained model.
+    lr = {"pt": 1.0, "pt_projection": 5e-2, "ia3": 3.0, "adapter": 5e-2}.get(case, 1e-2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(30):
@@ -148,7 +162,7 @@ def test_freeze_args_reject_nonsense(bad):
         TUNERS["freeze"].Args(**bad)
 
 
-@pytest.mark.parametrize("case", ["lora", "pt", "freeze"])
+@pytest.mark.parametrize("case", ["lora", "pt", "freeze", "bitfit", "ia3", "adapter"])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(case, reentrant, batch):
     """The input-requires-grad trap: with re-entrant checkpointing and a frozen embedding, nothing inside a

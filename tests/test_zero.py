@@ -29,11 +29,12 @@ from glmft.model import build_model, count_parameters, load_tokenizer
 from glmft.predict import PredictArgs
 from glmft.predict import run as predict
 from glmft.train import meta_record, save_checkpoint
-from glmft.tuners import freeze, lora, pt
+from glmft.tuners import adapter, bitfit, freeze, ia3, lora, pt
 
 ROOT = Path(__file__).resolve().parents[1]
 TUNED = {"lora": (lora, lora.Args(lora_r=4)), "pt": (pt, pt.Args(pre_seq_len=4, prefix_projection=True)),
-         "freeze": (freeze, freeze.Args(num_trainable_layers=1))}
+         "freeze": (freeze, freeze.Args(num_trainable_layers=1)), "bitfit": (bitfit, bitfit.Args()),
+         "ia3": (ia3, ia3.Args()), "adapter": (adapter, adapter.Args(adapter_size=8))}
 TUNED.update(lora_int4=TUNED["lora"], freeze_int8=TUNED["freeze"])  # on a base quantized while loading
 
 
@@ -83,7 +84,7 @@ def train_and_save(engine, tuner, args, overrides, batch, output_dir: Path, step
 # ------------------------------------------------------------------------------- in this process, one rank
 
 
-@pytest.mark.parametrize("method", ["lora", "pt", "lora_int4", "freeze_int8"])
+@pytest.mark.parametrize("method", ["lora", "pt", "lora_int4", "freeze_int8", "bitfit", "ia3", "adapter"])
 def test_zero3_checkpoint_is_whole_and_the_same_as_zero1s(group, batch, tmp_path, method):
     """Also on INT4/INT8 bases: ZeRO-3 partitions the int8 tensors of our quantized layers and gathers them for the
     custom matmul (forward and backward) like any other parameter, so that combination needs no refusal."""

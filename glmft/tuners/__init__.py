@@ -3,16 +3,16 @@
 Every tuner module exposes ``NAME``, ``DEFAULT_LR``, an ``Args`` dataclass, ``describe(args) -> str`` and
 ``apply(model, args) -> model`` (freeze everything, then enable exactly its own parameters); P-Tuning adds
 ``model_overrides(args)`` (config fields needed when the model is built), LoRA adds ``merge(model)`` and its own
-adapter save/load.
+adapter save/load, as (IA)^3 does (PEFT's adapter format).
 """
 
 from __future__ import annotations
 
 import types
 
-from glmft.tuners import embedding, freeze, lora, pt
+from glmft.tuners import adapter, bitfit, embedding, freeze, ia3, lora, pt
 
-TUNERS: dict[str, types.ModuleType] = {m.NAME: m for m in (freeze, embedding, pt, lora)}
+TUNERS: dict[str, types.ModuleType] = {m.NAME: m for m in (freeze, embedding, pt, lora, bitfit, ia3, adapter)}
 
 
 def get(name: str) -> types.ModuleType:

@@ -1,0 +1,13 @@
+"""Predict and score a bitfit checkpoint (settings come from its meta.json; nothing to re-type)::
+
+    python predict_bitfit.py --ckpt_dir output/bitfit --test_path data/sample_test.jsonl
+
+Writes predictions.jsonl and metrics.json (triple F1 with a bootstrap CI, parse failures, test time) to
+<checkpoint>/predict unless --output_dir says otherwise. Options: `python predict_bitfit.py --help`.
+"""
+
+from glmft import args, predict
+from glmft.tuners import bitfit
+
+if __name__ == "__main__":
+    predict.run(args.parse_one(predict.PredictArgs, __doc__.splitlines()[0]), bitfit)
