@@ -95,7 +95,7 @@ def prepare_model(train: TrainArgs, method_args, tuner: types.ModuleType, dtype:
 
 def run_identity(train: TrainArgs, method_args, tuner, world: int = 1, zero_stage: int = 0) -> dict:
     """What makes two training segments one run (``--resume`` compares it with the checkpoint's meta.json)."""
-    model_dir = train.model_dir if train.model_dir == "tiny" else str(model_path(train.model_dir).resolve())
+    model_dir = train.model_dir if train.model_dir in ("tiny", "mini") else str(model_path(train.model_dir).resolve())
     return {"method": tuner.NAME, "method_args": dataclasses.asdict(method_args), "base_model": model_dir,
             "data": {k: getattr(train, k) for k in DATA_FIELDS},
             "training": {**{k: getattr(train, k) for k in SCHEDULE_FIELDS}, "world_size": world,

@@ -19,7 +19,8 @@ def resolve_model_dir(model_dir: str | Path) -> Path:
         return TINY_DIR.parent / "mini"
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--model_dir {model_dir}: no config.json there (a local model directory, or 'tiny')")
+        raise FileNotFoundError(
+            f"--model_dir {model_dir}: no config.json there (a local model directory, 'tiny' or 'mini')")
     return path
 
 
