@@ -108,12 +108,11 @@ def main() -> None:
     p.add_argument("--local_rank", type=int, default=-1, help="set by the deepspeed launcher")
     args = p.parse_args()
 
-    import deepspeed
     import torch.distributed as dist
 
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(dist.get_rank() % torch.cuda.device_count())
+    from glmft.train import init_distributed
+
+    init_distributed()  # the training scripts' own: the right backend, and no leaked /dev/shm segment on the CPU
     rows = []
     for stage in map(int, args.stages.split(",")):
         mine = one_stage(args.method, stage, args.persistence)

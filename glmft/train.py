@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import json
 import math
@@ -50,7 +51,25 @@ def init_distributed() -> tuple[int, int]:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    else:
+        atexit.register(remove_shm_buffer, shm_buffer_path())
     return dist.get_rank(), dist.get_world_size()
+
+
+def shm_buffer_path() -> Path:
+    """The shared-memory segment DeepSpeed's CPU backend creates for this rank when the launcher started it.
+
+    Its shm allreduce op (ops/csrc/cpu/comm/shm.cpp, loaded when every rank is local, i.e. LOCAL_SIZE equals the world
+    size) creates ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>`` (66 MiB) and never
+    unlinks it: each CPU launch through ``deepspeed`` would leave RAM behind until the machine reboots."""
+    env = os.environ
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{env.get('MASTER_ADDR', '')}_{env.get('MASTER_PORT', '')}"
+    return Path("/dev/shm") / f"{name}_{env.get('RANK', '0')}"
+
+
+def remove_shm_buffer(path: Path) -> None:
+    """At exit, when the peers have long opened it (they map it while the group starts): only the name goes."""
+    path.unlink(missing_ok=True)
 
 
 def engine_config(train: TrainArgs, total_steps: int) -> dict:

@@ -236,6 +236,11 @@ def test_two_gloo_ranks_save_once(smoke):
     assert len(list((out / "runs").rglob("events.out.tfevents.*"))) == 1, "only rank 0 writes TensorBoard"
     loss = scalars(out, "lora")["train/loss"]
     assert len(loss) == 6 and all(math.isfinite(x) for x in loss)
+    # DeepSpeed's CPU shm allreduce maps a 66 MiB /dev/shm segment per rank and never unlinks it; each rank removes its
+    # own at exit (glmft.train.remove_shm_buffer), so CPU launches leave no RAM behind.
+    argv = pool.procs["lora_2ranks"][0].args
+    port = argv[argv.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_plain_python_without_launcher(smoke):
