@@ -173,6 +173,18 @@ def layer_linear(config: ChatGLMConfig, in_features: int, out_features: int) -> 
     return nn.Linear(in_features, out_features)
 
 
+def torch_default_init(module: nn.Module) -> None:
+    """PyTorch's own initialisation (embedding N(0, 1), Linear Kaiming-uniform), where the original leaves the prefix
+    encoder: P-Tuning's usual learning rate (1e-2) is tuned for that scale. transformers' guarded init functions
+    skip tensors that were loaded from a checkpoint. Shared with ChatGLM2/3's prefix encoder."""
+    if isinstance(module, nn.Embedding):
+        init.normal_(module.weight, mean=0.0, std=1.0)
+    elif isinstance(module, nn.Linear):
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        bound = 1 / math.sqrt(module.in_features)
+        init.uniform_(module.bias, -bound, bound)
+
+
 class PrefixEncoder(nn.Module):
     """P-Tuning v2 prefix: per-layer past keys/values for ``pre_seq_len`` virtual tokens (original key names)."""
 
@@ -283,15 +295,8 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             return  # integers and scales come from a checkpoint or quantize_model; never normal_-init int8
         if not getattr(module, "_torch_default_init", False):
             super()._init_weights(module)
-        # The original leaves the prefix encoder at PyTorch's defaults (embedding N(0, 1), Linear Kaiming-uniform);
-        # P-Tuning's usual learning rate (1e-2) is tuned for that scale. The guarded init functions skip tensors
-        # that were loaded from a checkpoint.
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=1.0)
-        elif isinstance(module, nn.Linear):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(module.in_features)
-            init.uniform_(module.bias, -bound, bound)
+        else:
+            torch_default_init(module)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -19,16 +19,14 @@ Glm's embedding ``padding_idx`` is removed: the original's embedding has none, s
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import GlmForCausalLM
-from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 
+from ..modeling_chatglm import torch_default_init
 from ..quantization import QuantizedLinear
 from .configuration import ChatGLM2Config
 from .convert import GLM_PREFIX, official_to_glm
@@ -109,14 +107,8 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
             return  # integers and scales only ever come from a checkpoint
         if not getattr(module, "_torch_default_init", False):
             super()._init_weights(module)
-        # The original leaves the prefix encoder at PyTorch's defaults (embedding N(0, 1), Linear Kaiming-uniform),
-        # the scale P-Tuning's usual learning rate (1e-2) is tuned for.
-        elif isinstance(module, nn.Embedding):
-            init.normal_(module.weight, mean=0.0, std=1.0)
-        elif isinstance(module, nn.Linear):
-            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
-            bound = 1 / math.sqrt(module.in_features)
-            init.uniform_(module.bias, -bound, bound)
+        else:  # the prefix encoder, at PyTorch's defaults as in the original
+            torch_default_init(module)
 
     # ------------------------------------------------------------------------------------------------------------
     # P-Tuning v2 prefix

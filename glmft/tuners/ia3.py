@@ -8,22 +8,20 @@ module (its input is scaled, inner_hidden_size values per layer). The vectors st
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import IA3Config, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft import IA3Config, PeftModel, TaskType, get_peft_model
 from torch import nn
 
 from chatglm.quantization import is_quantized
 from glmft.args import opt
-from glmft.checkpoint import gathered, read_tensors, writing
+from glmft.tuners import peft_adapter
 from glmft.tuners.base import freeze_all
 
 NAME = "ia3"
 DEFAULT_LR = 3e-3  # the (IA)^3 paper's learning rate (T-Few); the vectors are few and start at one
-ADAPTER_FILE = "adapter_model.safetensors"
 TARGETS = "query_key_value,dense_4h_to_h"  # ChatGLM v1's module names, kept here only
 FEEDFORWARD = "dense_4h_to_h"
 
@@ -61,25 +59,10 @@ def apply(model: nn.Module, args: Args) -> nn.Module:
 
 
 def save_weights(model: PeftModel, directory: Path, state: dict[str, torch.Tensor]) -> None:
-    """The PEFT adapter format; ``state`` is the gathered trainable state (whole tensors under ZeRO-3)."""
-    with writing(directory / ADAPTER_FILE):
-        model.save_pretrained(directory, state_dict=state)
+    """The PEFT adapter format, from the gathered trainable state (whole tensors under ZeRO-3)."""
+    peft_adapter.save(model, directory, state)
 
 
 def load_weights(model: PeftModel, directory: Path) -> None:
-    """Load an adapter saved by save_weights into a model built by apply(); every vector must match."""
-    config = json.loads((Path(directory) / "adapter_config.json").read_text())
-    built = model.peft_config["default"]
-    expected = {"target_modules": set(built.target_modules), "feedforward_modules": set(built.feedforward_modules)}
-    found = {k: set(config[k]) for k in expected}
-    if expected != found:
-        raise ValueError(f"{directory / 'adapter_config.json'}: adapter has {found}, the model was built with "
-                         f"{expected}")
-    state = read_tensors(Path(directory) / ADAPTER_FILE)
-    vectors = [p for n, p in model.named_parameters() if "ia3_" in n]
-    with gathered(vectors, modify=True):  # under ZeRO-3 each rank holds a slice: load into the whole tensors
-        result = set_peft_model_state_dict(model, state)
-    missing = [k for k in result.missing_keys if "ia3_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{directory / ADAPTER_FILE} does not fit the model (missing {missing[:5]}, unexpected "
-                         f"{list(result.unexpected_keys)[:5]})")
+    """Load an adapter saved by save_weights into a model built by apply(); its settings and tensors must match."""
+    peft_adapter.load(model, directory, ("target_modules", "feedforward_modules"), "ia3_")

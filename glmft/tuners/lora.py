@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from chatglm.quantization import QuantizedLinear, is_quantized
 from glmft.args import opt
-from glmft.checkpoint import gathered, read_tensors, writing
+from glmft.tuners import peft_adapter
 from glmft.tuners.base import freeze_all
 
 NAME = "lora"
 DEFAULT_LR = 2e-4
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 @dataclass
@@ -69,27 +67,10 @@ def merge(model: PeftModel) -> nn.Module:
 
 
 def save_weights(model: PeftModel, directory: Path, state: dict[str, torch.Tensor]) -> None:
-    """The PEFT adapter format (adapter_config.json + adapter_model.safetensors), loadable by PEFT itself.
-
-    ``state`` is the gathered trainable state (glmft.checkpoint.trainable_state): PEFT would otherwise read the
-    parameters themselves, which under ZeRO-3 are this rank's slice only.
-    """
-    with writing(directory / ADAPTER_FILE):
-        model.save_pretrained(directory, state_dict=state)
+    """The PEFT adapter format, from the gathered trainable state (whole tensors under ZeRO-3)."""
+    peft_adapter.save(model, directory, state)
 
 
 def load_weights(model: PeftModel, directory: Path) -> None:
-    """Load an adapter saved by save_weights into a model built by apply(); every adapter tensor must match."""
-    config = json.loads((Path(directory) / "adapter_config.json").read_text())
-    expected = {"r": model.peft_config["default"].r, "target_modules": set(model.peft_config["default"].target_modules)}
-    found = {"r": config["r"], "target_modules": set(config["target_modules"])}
-    if expected != found:
-        raise ValueError(f"{directory}: adapter has {found}, the model was built with {expected}")
-    state = read_tensors(Path(directory) / ADAPTER_FILE)
-    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
-    with gathered(adapters, modify=True):  # under ZeRO-3 each rank holds a slice: load into the whole tensors
-        result = set_peft_model_state_dict(model, state)
-    missing = [k for k in result.missing_keys if "lora_" in k]
-    if missing or result.unexpected_keys:
-        raise ValueError(f"{directory}: adapter does not fit the model (missing {missing[:5]}, unexpected "
-                         f"{list(result.unexpected_keys)[:5]})")
+    """Load an adapter saved by save_weights into a model built by apply(); its settings and tensors must match."""
+    peft_adapter.load(model, directory, ("r", "target_modules"), "lora_")
