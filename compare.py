@@ -7,10 +7,13 @@ finetuning_<method>.py``, prediction with ``predict_<method>.py``, greedy decodi
         --test_path ../shared/data/spo/spo_1.json --methods freeze,embedding,pt,pt_noproj,lora \\
         --num_train_epochs 5 --train_batch_size 2 --seeds 1,2,3 --output_dir results/
 
-writes results/comparison.{md,csv,json}, loss_curves.png and f1_vs_memory.png, with every run's TensorBoard log
-under results/runs (``tensorboard --logdir results/runs``). ``--dry_run`` prints the parameter table and a memory
-estimate per method instead. Options: ``python compare.py --help``. The exit code is 1 when any run failed (after
-the report, which names each failure, is written). ``--hostfile hostfile --num_gpus 8`` trains on several nodes.
+writes results/comparison.{md,csv,json}, loss_curves.png and <metric>_vs_memory.png (f1_vs_memory.png for the
+default task), with every run's TensorBoard log under results/runs (``tensorboard --logdir results/runs``).
+``--task generation`` or ``--task classification`` chooses what is learnt and scored; ``--base`` adds a row for the
+untuned base model; ``--retention_path data/retention.jsonl`` adds the forgetting columns (0 for the base row).
+``--dry_run`` prints the parameter table and a memory estimate per method instead. Options: ``python compare.py
+--help``. The exit code is 1 when any run failed (after the report, which names each failure, is written).
+``--hostfile hostfile --num_gpus 8`` trains on several nodes.
 """
 
 import sys

@@ -2,8 +2,8 @@
 
     python predict_adapter.py --ckpt_dir output/adapter --test_path data/sample_test.jsonl
 
-Writes predictions.jsonl and metrics.json (triple F1 with a bootstrap CI, parse failures, test time) to
-<checkpoint>/predict unless --output_dir says otherwise. Options: `python predict_adapter.py --help`.
+Writes predictions.jsonl and metrics.json (the scores of the task it learnt, per record and for the file; test
+time) to <checkpoint>/predict unless --output_dir says otherwise. Options: `python predict_adapter.py --help`.
 """
 
 from glmft import args, predict

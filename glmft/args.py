@@ -8,10 +8,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from glmft import shipped
-from glmft.data import DEFAULT_PROMPT
+from glmft import shipped, tasks
+from glmft.records import label_set, read_records
 
 
 def opt(default: Any, help: str) -> Any:
@@ -21,8 +22,15 @@ def opt(default: Any, help: str) -> Any:
 
 @dataclass
 class TrainArgs:
-    train_path: str = opt("data/sample_train.jsonl", "JSON-lines training file ({text, answer} or {instruction, "
-                          "input, output} per line)")
+    train_path: str = opt("data/sample_train.jsonl", "JSON-lines training file in a layout of --task ({text, "
+                          "answer}, {instruction, input, output}, {content, summary}, {text, label}) or of "
+                          "--input_key/--target_key")
+    task: str = opt(tasks.DEFAULT, f"what is learnt and scored: {', '.join(tasks.TASKS)} (its prompt, record layouts "
+                    "and metrics; recorded in meta.json for predict and compare)")
+    input_key: str = opt("", "record field holding the input, for data in no layout of the task (with --target_key)")
+    target_key: str = opt("", "record field holding the target (with --input_key)")
+    labels: str | list[str] = opt("", "classification: the label set, a file (JSON list or one per line) or a comma "
+                                  "list (default: labels.json beside --train_path, else the training labels)")
     model_dir: str = opt("tiny", "local ChatGLM-6B directory (THUDM/chatglm-6b layout), or 'tiny' for the bundled "
                          "random CPU stand-in")
     output_dir: str = opt("", "where checkpoints and TensorBoard runs go (default: output/<method>)")
@@ -35,15 +43,26 @@ class TrainArgs:
     weight_decay: float = opt(0.1, "AdamW weight decay")
     max_len: int = opt(768, "longest training sequence in tokens (prompt + text + answer + 3 special tokens)")
     max_src_len: int = opt(450, "longest prompt + text in tokens; the answer gets what is left of max_len")
-    prompt_text: str = opt(DEFAULT_PROMPT, "instruction put before each {text, answer} record's text")
+    prompt_text: str | None = opt(None, "instruction put before each record's input, except {instruction, input, "
+                                  "output} records, which carry their own (default: the task's prompt)")
     seed: int = opt(1234, "random seed (data order, dropout, new parameters)")
     tensorboard_dir: str = opt("", "TensorBoard log root (default: <output_dir>/runs); compare.py puts every run in "
                                "one root so the curves overlay")
     run_name: str = opt("", "this run's name under the TensorBoard root (default: the method name)")
     log_steps: int = opt(10, "optimizer steps between TensorBoard points and progress-bar updates")
     save_steps: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
-    save_total_limit: int = opt(0, "keep only the newest N checkpoints (0: all); the best (lowest logged training "
-                                "loss) and the one resumed from are kept too")
+    save_total_limit: int = opt(0, "keep only the newest N checkpoints (0: all); the best (by --save_best's eval "
+                                "value with --eval_path, else the lowest logged training loss) and the one resumed "
+                                "from are kept too")
+    # evaluation while training (glmft/evaluate.py)
+    eval_path: str = opt("", "JSON-lines eval file (same layouts as training): its mean loss per supervised token is "
+                         "logged as eval/loss at every --eval_steps, every checkpoint and the end")
+    eval_steps: int = opt(0, "optimizer steps between evaluations (0: only at checkpoints and the end)")
+    eval_batch_size: int = opt(8, "eval records per forward pass on each rank")
+    eval_metric_samples: int = opt(0, "also answer the first N eval records greedily (up to max_len - max_src_len "
+                                   "new tokens) and log the task's headline metric as eval/<metric> (0: loss only)")
+    save_best: str = opt("", "loss or metric: also checkpoint every evaluation that improves the eval loss (or the "
+                         "headline metric), and keep the best of them whatever --save_total_limit says")
     quantization_bit: int = opt(0, "quantize the base model's layer matrices to 4 or 8 bits while loading (0: as "
                                 "stored; a chatglm-6b-int4 directory is INT4 already)")
     gradient_checkpointing: bool = opt(False, "recompute activations in backward: much less memory, ~30%% slower")
@@ -73,6 +92,7 @@ class TrainArgs:
             raise ValueError(f"--quantization_bit must be 0, 4 or 8, got {self.quantization_bit}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        self.check_eval()
         # Checked here, before any model is built (the optimizer would only refuse them after loading it).
         if self.learning_rate is not None and not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"--learning_rate must be a positive number, got {self.learning_rate}")
@@ -81,6 +101,38 @@ class TrainArgs:
         # The shipped defaults (data/sample_train.jsonl, ds_config.json, ds_zero*.json) are found from any directory.
         self.train_path = shipped.resolve(self.train_path)
         self.deepspeed_config = shipped.resolve(self.deepspeed_config)
+        self.eval_path = shipped.resolve(self.eval_path)
+        self.resolve_task()
+
+    def resolve_task(self) -> None:
+        """The task's prompt unless --prompt_text is given; a labelled task's label set, resolved once here so that
+        meta.json records the list itself (predict needs no training file)."""
+        task = tasks.get(self.task)
+        tasks.layouts(self.task, self.input_key, self.target_key)  # --input_key without --target_key fails here
+        if self.prompt_text is None:
+            self.prompt_text = task.DEFAULT_PROMPT
+        if not task.USES_LABELS:
+            if self.labels:
+                raise ValueError(f"--labels is for a task with a label set; the {self.task} task has none")
+            self.labels = []
+            return
+        if isinstance(self.labels, list):  # resolved already (a copy of resolved arguments)
+            return
+        if not Path(self.train_path).is_file():
+            raise ValueError(f"--train_path {self.train_path}: no such file (the {self.task} task reads its labels)")
+        records = read_records(self.train_path, self.prompt_text, self.task, self.input_key, self.target_key)
+        self.labels = label_set(self.labels, self.train_path, records)[0]
+
+    def check_eval(self) -> None:
+        if self.eval_steps < 0 or self.eval_metric_samples < 0 or self.eval_batch_size < 1:
+            raise ValueError("--eval_steps and --eval_metric_samples must be 0 or positive, --eval_batch_size >= 1")
+        if self.save_best not in ("", "loss", "metric"):
+            raise ValueError(f"--save_best must be loss or metric, got {self.save_best!r}")
+        used = [name for name in ("eval_steps", "eval_metric_samples", "save_best") if getattr(self, name)]
+        if used and not self.eval_path:
+            raise ValueError(f"--{', --'.join(used)} evaluate on --eval_path, which is not set")
+        if self.save_best == "metric" and not self.eval_metric_samples:
+            raise ValueError("--save_best metric needs --eval_metric_samples N (the records the metric is scored on)")
 
 
 def _field_type(tp: Any) -> type:

@@ -7,11 +7,14 @@ there, and glmft.report turns all of them into the comparison. A complete run ma
 skipped unless ``--force``; a failed one is always run again. The settings that decide "the same" include a hash
 of the train and test files' contents, so editing a data file in place runs everything again. ``--hostfile``
 spreads each training run over several nodes (deepspeed's multi-node launcher; README "Several nodes").
+``--task`` (passed to every training run, recorded in its meta.json) decides the metrics; ``--base`` adds one run
+that only predicts with the untuned base model (``predict.py --model_dir``), the report's first row.
+``--retention_path`` has every prediction measure forgetting (glmft.retention; 0 for the base row by definition).
+The command lines themselves are built in glmft.compare_cmd.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -20,25 +23,16 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from glmft import checkpoint, launch, report
-from glmft.args import TrainArgs, opt, parse_one, training_args, training_parser
+from glmft import checkpoint, launch, report, retention, shipped, tasks
+from glmft.args import TrainArgs, opt, parse_one
+from glmft.compare_cmd import SHARED, VARIANTS, base_argv, base_labels, launcher, method_args, predict_argv, train_argv
 from glmft.tuners import TUNERS
 
 ROOT = Path(__file__).resolve().parents[1]
-# variant -> (method, its fixed flags). pt_noproj is the seeds' "PT-Only-Embedding".
-VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "freeze": ("freeze", ()), "embedding": ("embedding", ()), "pt": ("pt", ("--prefix_projection",)),
-    "pt_noproj": ("pt", ("--no-prefix_projection",)), "lora": ("lora", ()),
-}
-SHARED = ("num_train_epochs", "max_steps", "train_batch_size", "gradient_accumulation_steps", "max_len",
-          "max_src_len", "gradient_checkpointing", "quantization_bit", "log_steps")
-# Training options compare.py sets for every run itself: a --method_option may not change them.
-OWNED = {"model_dir", "train_path", "output_dir", "seed", "deepspeed_config", "tensorboard_dir", "run_name",
-         "resume", "dry_run", "local_rank", *SHARED}
+BASE = "base"  # the row of the untuned base model (--base)
 
 
 @dataclass
@@ -50,6 +44,17 @@ class CompareArgs:
                        "MLP, pt_noproj without it (the seeds' 'PT-Only-Embedding')")
     seeds: str = opt("1234", "comma-separated training seeds; several give mean ± std")
     output_dir: str = opt("results", "where the runs, their TensorBoard logs (runs/) and the comparison go")
+    task: str = opt(tasks.DEFAULT, f"what every method learns and is scored on: {', '.join(tasks.TASKS)} (its "
+                    "headline metric fills 测试结果)")
+    input_key: str = opt("", "record field of the input, for data in no layout of the task (with --target_key)")
+    target_key: str = opt("", "record field of the target (with --input_key)")
+    labels: str = opt("", "classification: the label set, a file or a comma list (default: labels.json beside the "
+                      "data, else the training labels)")
+    prompt_text: str | None = opt(None, "instruction before each record's input (default: the task's prompt)")
+    constrain_labels: bool = opt(False, "classification: generate only label strings (no invalid answers)")
+    base: bool = opt(False, "also score the untuned base model, as the first row (the seeds' 原始模型)")
+    retention_path: str = opt("", "forgetting: general prompts (data/retention.jsonl ships), passed to every "
+                              "prediction; the report's forgetting ΔNLL and answers changed (empty: not measured)")
     num_train_epochs: int = opt(1, "passes over the training data")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")
     train_batch_size: int = opt(2, "micro-batch size per device")
@@ -90,6 +95,12 @@ class CompareArgs:
             raise ValueError("--zero_stage must be 0-3 and --num_gpus at least 1")
         self.nodes()  # a hostfile that deepspeed would refuse fails here, before any run
         TrainArgs(**{name: getattr(self, name) for name in SHARED})  # the scripts' own checks, before any run
+        tasks.layouts(self.task, self.input_key, self.target_key)  # an unknown task or half a key pair fails here
+        if (self.constrain_labels or self.labels) and not tasks.get(self.task).USES_LABELS:
+            raise ValueError(f"--labels and --constrain_labels need a task with a label set; {self.task} has none")
+        if self.retention_path:  # a missing or malformed prompt file fails here, before any run
+            self.retention_path = shipped.resolve(self.retention_path)
+            retention.load_prompts(self.retention_path)
         for variant in self.variants():
             method_args(self, variant)  # a method option its script would refuse fails here, before any run
 
@@ -118,58 +129,6 @@ class CompareArgs:
         return [*VARIANTS[variant][1], *(a for args in given for a in args)]
 
 
-def _option_name(token: str) -> str | None:
-    """``--x=1`` / ``--no-x`` -> ``x``; a value -> None."""
-    if not token.startswith("--"):
-        return None
-    name = token[2:].partition("=")[0]
-    return name[3:] if name.startswith("no-") else name
-
-
-def method_args(args: CompareArgs, variant: str) -> tuple[Any, float]:
-    """The variant's ``tuner.Args`` and learning rate (tuner.DEFAULT_LR unless its options set --learning_rate),
-    read by the training script's own parser with the shared options applied: an option the script does not know,
-    a value it would refuse, or an option compare.py sets for every run fails here, before any run."""
-    tuner = TUNERS[VARIANTS[variant][0]]
-    options, where = args.options(variant), f"--method_option {variant}=..."
-    taken = sorted({n for n in map(_option_name, options) if n in OWNED})
-    if taken:
-        raise ValueError(f"{where}: {', '.join('--' + n for n in taken)} is set by compare.py for every run; use "
-                         "compare.py's own option so the report states it")
-    parser = training_parser(tuner, exit_on_error=False)
-    try:
-        ns, unknown = parser.parse_known_args(options)
-    except argparse.ArgumentError as err:
-        raise ValueError(f"{where}: {err}") from None
-    if unknown:
-        raise ValueError(f"{where}: finetuning_{tuner.NAME}.py has no option {' '.join(unknown)} "
-                         f"(python finetuning_{tuner.NAME}.py --help lists them)")
-    try:
-        train, method = training_args(tuner, {**vars(ns), **{n: getattr(args, n) for n in SHARED}})
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from None
-    return method, train.learning_rate
-
-
-def train_argv(args: CompareArgs, variant: str, seed: int, lr: float) -> list[str]:
-    """The training script's options: the shared ones, the method's learning rate, then the variant's own."""
-    argv = ["--model_dir", args.model_dir, "--train_path", args.train_path, "--seed", str(seed), "--learning_rate",
-            str(lr)]
-    for name in SHARED:
-        value = getattr(args, name)
-        argv += [f"--{'' if value else 'no-'}{name}"] if isinstance(value, bool) else [f"--{name}", str(value)]
-    return argv + args.options(variant)
-
-
-def predict_argv(args: CompareArgs) -> list[str]:
-    return ["--test_path", args.test_path, "--batch_size", str(args.predict_batch_size), "--max_new_tokens",
-            str(args.max_new_tokens), "--limit", str(args.limit), "--no-do_sample", "--num_beams", "1"]
-
-
-def launcher(args: CompareArgs) -> list[str]:
-    """The command prefix a training run starts with."""
-    return launch.prefix(args.launcher, args.num_gpus, args.hostfile, args.num_nodes)
-
 
 def file_digest(path: str) -> str | None:
     """sha256 of a file's bytes (None if absent: its run fails and records why)."""
@@ -181,12 +140,17 @@ def file_digest(path: str) -> str | None:
 
 
 def run_one(args: CompareArgs, variant: str, seed: int, ds_config: Path) -> dict:
-    """Train and predict one (variant, seed), or return its earlier result when that is complete and current."""
+    """Train and predict one (variant, seed), or only predict with the base model (``variant`` BASE); or return its
+    earlier result when that is complete and current."""
     name, run_dir = f"{variant}-seed{seed}", Path(args.output_dir) / variant / f"seed{seed}"
-    lr = method_args(args, variant)[1]
-    settings = {"train": train_argv(args, variant, seed, lr), "predict": predict_argv(args),
-                "deepspeed": json.loads(ds_config.read_text()), "launch": [args.launcher, args.num_gpus, args.nodes()],
-                "data": {"train": file_digest(args.train_path), "test": file_digest(args.test_path)}}
+    base = variant == BASE
+    lr = None if base else method_args(args, variant)[1]
+    data = {"train": file_digest(args.train_path), "test": file_digest(args.test_path),
+            **({"retention": file_digest(args.retention_path)} if args.retention_path else {})}
+    settings = {"predict": base_argv(args, run_dir), "data": data} if base else {
+        "train": train_argv(args, variant, seed, lr), "predict": predict_argv(args),
+        "deepspeed": json.loads(ds_config.read_text()), "launch": [args.launcher, args.num_gpus, args.nodes()],
+        "data": data}
     old = json.loads((run_dir / "result.json").read_text()) if (run_dir / "result.json").is_file() else {}
     if old.get("status") == "ok" and old.get("settings") == settings and not args.force:
         print(f"[{name}] skipped: {run_dir / 'result.json'} exists (--force runs it again)", flush=True)
@@ -194,15 +158,20 @@ def run_one(args: CompareArgs, variant: str, seed: int, ds_config: Path) -> dict
     shutil.rmtree(run_dir, ignore_errors=True)
     shutil.rmtree(Path(args.output_dir) / "runs" / name, ignore_errors=True)  # TensorBoard: this run's curve only
     run_dir.mkdir(parents=True)
-    result = {"variant": variant, "method": VARIANTS[variant][0], "seed": seed, "status": "failed",
-              "learning_rate": lr, "method_options": args.options(variant), "settings": settings, "commands": {}}
-    failure = train(args, result, run_dir, ds_config) or predict(result, run_dir)
+    result = {"variant": variant, "method": BASE if base else VARIANTS[variant][0], "seed": seed, "status": "failed",
+              "learning_rate": lr, "method_options": [] if base else args.options(variant), "settings": settings,
+              "commands": {}}
+    first = base_labels(args, run_dir) if base else train(args, result, run_dir, ds_config)
+    failure = first or predict(result, run_dir)
     if failure:
         result.update(stage=failure[0], error=failure[1])
         print(f"[{name}] FAILED in {failure[0]}: {failure[1]}", flush=True)
     else:
         result["status"] = "ok"
-        print(f"[{name}] done: sample F1 {result['metrics']['sample_f1']:.4f}", flush=True)
+        headline = tasks.get(args.task).HEADLINE
+        forgot = result["metrics"].get("retention", {}).get("nll_delta")
+        print(f"[{name}] done: {headline} {result['metrics'].get(headline, float('nan')):.4f}"
+              + (f", forgetting ΔNLL {forgot:+.4f}" if forgot is not None else ""), flush=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
 
@@ -228,8 +197,10 @@ def train(args: CompareArgs, result: dict, run_dir: Path, ds_config: Path) -> tu
 
 def predict(result: dict, run_dir: Path) -> tuple[str, str] | None:
     """The prediction step of a run; its scores go into ``result``. Returns the failure, if any."""
-    cmd = [sys.executable, str(ROOT / f"predict_{result['method']}.py"), "--ckpt_dir", result["checkpoint"],
-           *result["settings"]["predict"], "--output_dir", str(run_dir / "predict")]
+    script, ckpt = ("predict.py", []) if result["method"] == BASE else (
+        f"predict_{result['method']}.py", ["--ckpt_dir", result["checkpoint"]])
+    cmd = [sys.executable, str(ROOT / script), *ckpt, *result["settings"]["predict"], "--output_dir",
+           str(run_dir / "predict")]
     print(f"[{result['variant']}-seed{result['seed']}] predicting", flush=True)
     code, result["predict_process_s"], text = launch.execute(cmd, run_dir / "predict.log")
     result["commands"]["predict"] = cmd
@@ -264,8 +235,9 @@ def run(args: CompareArgs) -> list[dict]:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "ds_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    results = [run_one(args, variant, seed, (out / "ds_config.json").resolve())
-               for variant in args.variants() for seed in args.seed_list()]
+    runs = [(BASE, args.seed_list()[0])] if args.base else []  # greedy decoding: one base run, whatever the seeds
+    runs += [(variant, seed) for variant in args.variants() for seed in args.seed_list()]
+    results = [run_one(args, variant, seed, (out / "ds_config.json").resolve()) for variant, seed in runs]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     written = report.write(out, results, {**asdict(args), "device": device, "zero_stage": stage,
                                           "world_size": args.world_size()})

@@ -212,7 +212,7 @@ def saved_activation_bytes(model: nn.Module, batch: dict) -> int:
 
 
 def report(model_dir: str, methods: list[tuple[str, Any, Any]], quantization_bit: int, setting: Setting) -> str:
-    """The estimate table for (name, tuner, tuner args) triples: each model built from ``model_dir`` (a directory or
+    """The estimate table for (name, tuner, tuner args) tuples: each model built from ``model_dir`` (a directory or
     its config.json) on the meta device with the tuner applied; a method that cannot be built gets its error."""
     rows: list[tuple[str, Estimate | str]] = []
     stored = ChatGLMConfig.from_pretrained(model_path(model_dir)).quantization_bit

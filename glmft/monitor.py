@@ -80,6 +80,8 @@ class Monitor:
         earlier = earlier or {}
         # every logged point up to the resumed step, for train_summary.json
         self.history: list[dict[str, float]] = [h for h in earlier.get("history", []) if h["step"] <= start_step]
+        self.evals: list[dict[str, float]] = [e for e in earlier.get("eval_history", []) if e["step"] <= start_step]
+        self.shown: dict[str, str] = {}  # the bar's postfix: the last training and eval values
         self.earlier = {k: earlier.get(k, 0) for k in ("wall_seconds", "samples", "tokens")}
         self.bar = None
         self.writer = None
@@ -106,15 +108,26 @@ class Monitor:
                 self.writer.add_scalar(name, value, step)
             self.writer.add_scalar("train/wall_s", wall, step)
             self.history.append({"step": step, "wall_s": wall, **scalars})
-            self.bar.set_postfix(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
-                                 tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+            self.shown.update(loss=f"{scalars['train/loss']:.4f}", lr=f"{scalars['train/lr']:.2e}",
+                              tok_s=f"{scalars['train/tokens_per_s']:.0f}")
+            self.bar.set_postfix(self.shown)
+
+    def evaluated(self, step: int, scalars: dict[str, float]) -> None:
+        """Write an evaluation's scalars (``eval/loss``, ``eval/<metric>``); the bar shows them until the next."""
+        if not self.active:
+            return
+        for name, value in scalars.items():
+            self.writer.add_scalar(name, value, step)
+        self.evals.append({"step": step, **scalars})
+        self.shown.update({name.replace("/", "_"): f"{value:.4f}" for name, value in scalars.items()})
+        self.bar.set_postfix(self.shown)
 
     def snapshot(self, samples: int, tokens: int, **extra) -> dict:
         """The running summary to keep in a checkpoint (``samples``/``tokens``: this segment's, all ranks), so a
         resumed run's summary covers the whole run. Flushes TensorBoard: its points up to here must survive a kill."""
         if self.writer is not None:
             self.writer.flush()
-        return {"history": list(self.history), "wall_seconds": self.wall(),
+        return {"history": list(self.history), "eval_history": list(self.evals), "wall_seconds": self.wall(),
                 "samples": self.earlier["samples"] + samples, "tokens": self.earlier["tokens"] + tokens, **extra}
 
     def close(self, path: Path | None = None, extra: dict | None = None, samples: int = 0, tokens: int = 0) -> None:
@@ -131,5 +144,12 @@ class Monitor:
             summary = {**(extra or {}), "samples": samples, "tokens": tokens, "samples_per_s": samples / wall,
                        "tokens_per_s": tokens / wall, "wall_seconds": wall, "final_loss": losses[-1],
                        "best_loss": min(losses), "peak_mem_gb": max(h["train/peak_mem_gb"] for h in self.history),
-                       "history": self.history}
+                       "history": self.history, **self.eval_summary()}
             path.write_text(json.dumps(summary, indent=2) + "\n")
+
+    def eval_summary(self) -> dict:
+        """train_summary.json's evaluation fields: the last values (``eval_loss``, ``eval``) and every point."""
+        if not self.evals:
+            return {}
+        last = self.evals[-1]
+        return {"eval_loss": last.get("eval/loss"), "eval": last, "eval_history": self.evals}

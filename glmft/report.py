@@ -1,5 +1,7 @@
 """The comparison report from the runs' ``result.json``: comparison.md / .csv / .json, loss_curves.png and
-f1_vs_memory.png. Several seeds of a variant give mean ± std (sample standard deviation) over its complete runs."""
+``<metric>_vs_memory.png`` (the task's headline metric: f1_vs_memory.png for the default task). Several seeds of a
+variant give mean ± std (sample standard deviation) over its complete runs. The task (glmft.tasks) names the
+headline metric, which fills the seeds' 测试结果 column, and the columns of its own."""
 
 from __future__ import annotations
 
@@ -7,23 +9,30 @@ import csv
 import json
 import re
 import statistics
+import types
 from pathlib import Path
 
 import matplotlib
 
+from glmft import tasks
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
-# (column, flat key, format) -- the seeds' table first, then ours.
-SEED_COLUMNS = [("显卡占用/memory", "peak_mem_gb", "gib"), ("总参数", "all_params", "count"),
-                ("可训练参数占比", "trainable_pct", "pct"), ("训练耗时", "train_seconds", "time"),
-                ("测试结果F1", "sample_f1", "f1"), ("测试耗时", "test_seconds", "time")]
-EXTENDED_COLUMNS = [("lr", "learning_rate", "lr"), ("trainable", "trainable_params", "count"),
-                    ("samples/s", "samples_per_s", "rate"), ("tokens/s", "tokens_per_s", "rate"),
-                    ("final loss", "final_loss", "f1"), ("best loss", "best_loss", "f1"),
-                    ("micro P", "micro_precision", "f1"), ("micro R", "micro_recall", "f1"),
-                    ("micro F1", "micro_f1", "f1"), ("F1 95% CI", "micro_f1_ci", "ci"),
-                    ("parse fail", "parse_failure_rate", "share"), ("ckpt size", "checkpoint_bytes", "bytes")]
+# (column, flat key, format): the seeds' table around the task's headline, then ours around the task's columns.
+MEMORY_COLUMNS = [("显卡占用/memory", "peak_mem_gb", "gib"), ("总参数", "all_params", "count"),
+                  ("可训练参数占比", "trainable_pct", "pct"), ("训练耗时", "train_seconds", "time")]
+TEST_TIME = ("测试耗时", "test_seconds", "time")
+RUN_COLUMNS = [("lr", "learning_rate", "lr"), ("trainable", "trainable_params", "count"),
+               ("samples/s", "samples_per_s", "rate"), ("tokens/s", "tokens_per_s", "rate"),
+               ("final loss", "final_loss", "f1"), ("best loss", "best_loss", "f1")]
+# Forgetting (metrics.json's ``retention``, from predict --retention_path): every task has them; "—" without it.
+RETENTION_COLUMNS = [("forgetting ΔNLL", "nll_delta", "f1"), ("answers changed", "changed_rate", "share")]
+RETENTION_NOTE = ("forgetting ΔNLL: on the general prompts of --retention_path, the model's mean per-token negative "
+                  "log-likelihood of the base model's greedy answers minus the base model's own (> 0: it moved away; "
+                  "0 for the base row by definition); answers changed: the share of those prompts whose greedy answer "
+                  "is no longer the base's; — where not measured.")
+CKPT_SIZE = ("ckpt size", "checkpoint_bytes", "bytes")
 _EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Exit|Interrupt|Loss)(:|$)|: error: ")
 _RANK = re.compile(r"^\[rank\d+\]:\s*")  # torch.distributed's prefix on a rank's traceback lines
 _NOISE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\]|\d+%\||^\s*warnings\.warn\(")
@@ -44,17 +53,38 @@ def last_error(text: str, returncode: int) -> str:
     return rest[-1] if rest else f"exit code {returncode}"
 
 
-def flatten(result: dict) -> dict:
-    """One run's numbers under flat names (the CSV's columns)."""
+def task_of(results: list[dict], settings: dict) -> types.ModuleType:
+    """The task the runs were scored by: recorded in their metrics.json (from the checkpoint's meta.json), else
+    compare's --task."""
+    recorded = [r["metrics"]["task"] for r in results if r.get("metrics", {}).get("task")]
+    return tasks.get(recorded[0] if recorded else settings.get("task", tasks.DEFAULT))
+
+
+def columns(task: types.ModuleType) -> list[tuple[str, str, str]]:
+    """Every column of the table: the seeds' (测试结果 = the headline), then the run's, the task's, forgetting and the
+    size."""
+    head = next(c for c in task.COLUMNS if c[0] == task.HEADLINE)
+    own = [(header, key, kind) for key, header, kind in task.COLUMNS if key != task.HEADLINE]
+    return [*MEMORY_COLUMNS, (f"测试结果{head[1]}", head[0], head[2]), TEST_TIME, *RUN_COLUMNS, *own,
+            *RETENTION_COLUMNS, CKPT_SIZE]
+
+
+def flatten(result: dict, task: types.ModuleType | None = None) -> dict:
+    """One run's numbers under flat names (the CSV's columns); an interval becomes ``<key>_low`` / ``<key>_high``."""
+    task = task or tasks.get(tasks.DEFAULT)
     train, scores = result.get("train", {}), result.get("metrics", {})
     flat = {k: result.get(k) for k in ("variant", "method", "seed", "status", "stage", "error", "learning_rate")}
     flat.update({k: train.get(k) for k in ("trainable_params", "all_params", "peak_mem_gb", "samples_per_s",
                                            "tokens_per_s", "final_loss", "best_loss", "steps", "world_size")})
     flat["trainable_pct"] = 100 * train["trainable_params"] / train["all_params"] if train else None
     flat["train_seconds"] = train.get("wall_seconds")
-    flat.update({k: scores.get(k) for k in ("sample_f1", "micro_precision", "micro_recall", "micro_f1",
-                                            "parse_failure_rate", "test_seconds", "n_records")})
-    flat["micro_f1_ci_low"], flat["micro_f1_ci_high"] = scores.get("micro_f1_ci95") or (None, None)
+    for key, _, kind in task.COLUMNS:
+        if kind == "ci":
+            flat[f"{key}_low"], flat[f"{key}_high"] = scores.get(key) or (None, None)
+        else:
+            flat[key] = scores.get(key)
+    flat.update({k: scores.get(k) for k in ("test_seconds", "n_records")})
+    flat.update({k: (scores.get("retention") or {}).get(k) for _, k, _ in RETENTION_COLUMNS})
     flat.update({k: result.get(k) for k in ("checkpoint_bytes", "train_process_s", "predict_process_s")})
     return flat
 
@@ -91,6 +121,8 @@ def _one(value, kind: str) -> str:
         return f"{value / 2**20:.2f} MiB"
     if kind == "lr":
         return f"{value:g}"
+    if kind == "score":  # already x100 (ROUGE, BLEU)
+        return f"{value:.2f}"
     return f"{value:.1f}" if kind == "rate" else f"{value:.4f}"
 
 
@@ -109,28 +141,32 @@ def cell(values: dict[str, list], key: str, kind: str) -> str:
     return f"{number if number and std.endswith(' ' + unit) else mean} ± {std}"  # "0.53 ± 0.01 GiB"
 
 
-def markdown(table: dict[str, dict], settings: dict) -> str:
-    columns = SEED_COLUMNS + EXTENDED_COLUMNS
-    head = ["method", *(c[0] for c in columns), "seeds", "status"]
+def markdown(table: dict[str, dict], settings: dict, task: types.ModuleType | None = None) -> str:
+    task = task or tasks.get(settings.get("task", tasks.DEFAULT))
+    cols = columns(task)
+    head = ["method", *(c[0] for c in cols), "seeds", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for variant, entry in table.items():
         status = "; ".join(entry["errors"]).replace("|", "\\|")[:300] or "ok"
-        values = [cell(entry["values"], key, kind) for _, key, kind in columns]
+        values = [cell(entry["values"], key, kind) for _, key, kind in cols]
         lines.append("| " + " | ".join([variant, *values, f"{entry['ok']}/{entry['runs']}", status]) + " |")
     shared = ", ".join(f"{k} {settings[k]}" for k in ("num_train_epochs", "max_steps", "train_batch_size",
                        "gradient_accumulation_steps", "max_len", "max_src_len", "gradient_checkpointing",
                        "quantization_bit", "log_steps", "zero_stage", "num_gpus", "launcher") if k in settings)
     if settings.get("hostfile"):
         shared += f", hostfile {settings['hostfile']} ({settings.get('world_size')} ranks)"
+    headline = cols[len(MEMORY_COLUMNS)]
+    base = " The base row scores the untuned base model (no training)." if "base" in table else ""
     return "\n".join([
         "# Method comparison", "",
-        f"Model `{settings['model_dir']}` on {settings['device']}; train `{settings['train_path']}`, test "
-        f"`{settings['test_path']}` (limit {settings['limit'] or 'none'}); greedy decoding, max_new_tokens "
+        f"Task {task.NAME}. Model `{settings['model_dir']}` on {settings['device']}; train `{settings['train_path']}`, "
+        f"test `{settings['test_path']}` (limit {settings['limit'] or 'none'}); greedy decoding, max_new_tokens "
         f"{settings['max_new_tokens'] or 'max_len - max_src_len'}; seeds {settings['seeds']}.",
         f"Shared options: {shared}. Per-method options: {', '.join(settings['method_option']) or 'none'}.", "",
         "显卡占用/memory: peak GPU memory allocated by torch (on a CPU: peak resident set of the training process). "
-        "训练耗时: the training loop's wall time (model loading excluded). 测试结果F1: the seeds' sample F1. "
-        "测试耗时: generation time of the test file. lr: the method's default (tuner.DEFAULT_LR) unless overridden.",
+        f"训练耗时: the training loop's wall time (model loading excluded). {headline[0]}: the task's headline metric "
+        f"({headline[1]}). 测试耗时: generation time of the test file. lr: the method's default (tuner.DEFAULT_LR) "
+        f"unless overridden.{base} {RETENTION_NOTE}",
         "", *lines, ""])
 
 
@@ -153,28 +189,30 @@ def plot_losses(results: list[dict], path: Path) -> None:
         ax.set_xlabel(label)
         ax.set_ylabel("training loss")
         ax.grid(alpha=0.3)
-    by_step.legend(fontsize=8)
+    if by_step.get_legend_handles_labels()[0]:  # none when no run has a loss history (the base row alone)
+        by_step.legend(fontsize=8)
     fig.suptitle("Training loss per method")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_f1_memory(table: dict[str, dict], path: Path) -> None:
-    """Test sample F1 against peak memory, one point per method (error bars: std over seeds)."""
+def plot_metric_memory(table: dict[str, dict], path: Path, key: str, header: str) -> None:
+    """The headline metric against peak memory, one point per method (error bars: std over seeds)."""
     fig, ax = plt.subplots(figsize=(7, 5))
     for i, (variant, entry) in enumerate(table.items()):
-        mem, f1 = entry["values"].get("peak_mem_gb"), entry["values"].get("sample_f1")
-        if not mem or not f1:
+        mem, metric = entry["values"].get("peak_mem_gb"), entry["values"].get(key)
+        if not mem or not metric:
             continue
-        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (mem, f1)]
-        ax.errorbar(statistics.mean(mem), statistics.mean(f1), xerr=spread[0], yerr=spread[1], fmt="o",
+        spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (mem, metric)]
+        ax.errorbar(statistics.mean(mem), statistics.mean(metric), xerr=spread[0], yerr=spread[1], fmt="o",
                     color=f"C{i}", capsize=4, label=variant)
-    ax.set_title("Test F1 against peak memory (mean ± std over seeds)")
+    ax.set_title(f"Test {header} against peak memory (mean ± std over seeds)")
     ax.set_xlabel("peak memory, GiB (GPU: max allocated; CPU: peak resident set)")
-    ax.set_ylabel("test sample F1")
+    ax.set_ylabel(f"test {header} ({key})")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -182,9 +220,10 @@ def plot_f1_memory(table: dict[str, dict], path: Path) -> None:
 
 def write(out: Path, results: list[dict], settings: dict) -> list[str]:
     """Write the five report files into ``out``; returns their paths."""
-    flats = [flatten(r) for r in results]
+    task = task_of(results, settings)
+    flats = [flatten(r, task) for r in results]
     table = aggregate(flats)
-    (out / "comparison.md").write_text(markdown(table, settings), encoding="utf-8")
+    (out / "comparison.md").write_text(markdown(table, settings, task), encoding="utf-8")
     with open(out / "comparison.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(flats[0]))
         writer.writeheader()
@@ -192,9 +231,10 @@ def write(out: Path, results: list[dict], settings: dict) -> list[str]:
     summary = {v: {"runs": e["runs"], "ok": e["ok"], "errors": e["errors"],
                    **{k: {"mean": statistics.mean(x), "std": statistics.stdev(x) if len(x) > 1 else 0.0, "n": len(x)}
                       for k, x in e["values"].items()}} for v, e in table.items()}
-    document = {"settings": settings, "methods": summary, "runs": flats}
+    document = {"settings": settings, "task": task.NAME, "methods": summary, "runs": flats}
     (out / "comparison.json").write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     plot_losses(results, out / "loss_curves.png")
-    plot_f1_memory(table, out / "f1_vs_memory.png")
-    return [str(out / n) for n in ("comparison.md", "comparison.csv", "comparison.json", "loss_curves.png",
-                                   "f1_vs_memory.png")]
+    key, header = next((k, h) for k, h, _ in task.COLUMNS if k == task.HEADLINE)
+    plot = f"{header.lower()}_vs_memory.png"
+    plot_metric_memory(table, out / plot, key, header)
+    return [str(out / n) for n in ("comparison.md", "comparison.csv", "comparison.json", "loss_curves.png", plot)]

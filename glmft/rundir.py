@@ -5,7 +5,8 @@
 - A fresh run refuses a directory holding another run's results (checkpoints, ``train_summary.json``) unless
   ``--overwrite_output_dir``, which deletes them and that run's TensorBoard curves first; ``--resume`` refuses a
   checkpoint whose ``meta.json`` records other settings than the current ones, naming each of them.
-- ``--save_total_limit N`` keeps the newest N checkpoints (and always the best and the one resumed from).
+- ``--save_total_limit N`` keeps the newest N checkpoints (and always the one resumed from, and the best: by eval
+  loss or metric when the run evaluates, else by training loss).
 """
 
 from __future__ import annotations
@@ -188,19 +189,46 @@ def check_resume(output_dir: str | Path, current: dict) -> Path:
     return found
 
 
-def _loss(ckpt: Path) -> float:
-    loss = checkpoint.read_meta(ckpt).get("loss")
-    return loss if isinstance(loss, int | float) and math.isfinite(loss) else math.inf
+def _badness(ckpt: Path, by: dict | None) -> float:
+    """Lower is better: the eval value named by ``by`` (meta.json's ``best_by``: name and direction) in the
+    checkpoint's ``eval``, or without ``by`` its training ``loss``; inf when it has none."""
+    meta = checkpoint.read_meta(ckpt)
+    value = (meta.get("eval") or {}).get(by["name"]) if by else meta.get("loss")
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return math.inf
+    return -value if by and by.get("higher_is_better") else value
+
+
+def best(output_dir: str | Path) -> Path | None:
+    """The best checkpoint, by the criterion the newest one records (eval loss or metric with --eval_path, else the
+    training loss); None when no checkpoint has that value."""
+    found = checkpoint.checkpoints(output_dir)
+    if not found:
+        return None
+    by = checkpoint.read_meta(found[-1]).get("best_by")
+    pick = min(found, key=lambda p: _badness(p, by))
+    return pick if _badness(pick, by) < math.inf else None
+
+
+def best_record(output_dir: str | Path) -> dict:
+    """train_summary.json's ``best_checkpoint``: the one :func:`prune` keeps as the best, and its values."""
+    found = best(output_dir)
+    if found is None:
+        return {}
+    meta = checkpoint.read_meta(found)
+    by = (meta.get("best_by") or {}).get("name", "train/loss")
+    return {"best_checkpoint": {"path": str(found), "step": meta.get("step"), "by": by,
+                                "train/loss": meta.get("loss"), **(meta.get("eval") or {})}}
 
 
 def prune(output_dir: str | Path, limit: int, keep: set[Path]) -> list[Path]:
     """Delete all but the newest ``limit`` checkpoints; ``keep`` (the one just saved, the one resumed from) and the
-    best (lowest training loss in its meta.json) stay whatever their age. Returns the deleted ones."""
+    best (see :func:`best`) stay whatever their age. Returns the deleted ones."""
     found = checkpoint.checkpoints(output_dir)
     if not limit or len(found) <= limit:
         return []
-    best = min(found, key=_loss)
-    protected = {p.resolve() for p in [*keep, *found[-limit:]] + ([best] if _loss(best) < math.inf else [])}
+    winner = best(output_dir)
+    protected = {p.resolve() for p in [*keep, *found[-limit:]] + ([winner] if winner else [])}
     removed = [p for p in found if p.resolve() not in protected]
     for path in removed:  # renamed first: a half-deleted checkpoint must never look complete
         doomed = path.with_name(f".{path.name}.deleting")

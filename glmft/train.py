@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from glmft import checkpoint, optim, rundir, snapshot
+from glmft import checkpoint, evaluate, optim, rundir, snapshot
 from glmft.args import TrainArgs
 from glmft.data import SupervisedDataset, collate
 from glmft.health import Health
@@ -36,7 +36,8 @@ FILLED = {("train_micro_batch_size_per_gpu",), ("gradient_accumulation_steps",),
 
 ENGINE_DIR = checkpoint.ENGINE_DIR  # inside a checkpoint: DeepSpeed's state and each rank's RNG, for --resume
 # meta.json's record of how the weights were trained: --resume refuses a checkpoint that differs in any of them
-DATA_FIELDS = ("train_path", "max_len", "max_src_len", "prompt_text", "seed", "learning_rate")
+DATA_FIELDS = ("train_path", "max_len", "max_src_len", "prompt_text", "seed", "learning_rate", "task", "input_key",
+               "target_key", "labels")
 SCHEDULE_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "max_steps", "warmup_ratio",
                    "weight_decay", "quantization_bit")
 
@@ -150,6 +151,7 @@ def save_checkpoint(engine, train, method_args, tuner, overrides, step: int, pos
     meta = meta_record(train, method_args, tuner, overrides, step, position["epoch"], dist.get_world_size(),
                        engine.zero_optimization_stage(), loss if loss is None or math.isfinite(loss) else None,
                        engine_dtype(engine))
+    meta.update({k: position[k] for k in ("eval", "best_by") if k in position})  # this step's evaluation
     snapshot.save(engine, train.output_dir, step, position, tuner, meta, train.save_total_limit,
                   (keep,) if keep else ())
 
@@ -157,6 +159,12 @@ def save_checkpoint(engine, train, method_args, tuner, overrides, step: int, pos
 def resume_state(engine, found: Path) -> dict:
     """Continue from checkpoint ``found`` (checked by rundir.check_resume): engine state, data position, RNGs."""
     return snapshot.restore(engine, found)
+
+
+def read_data(path: str, tokenizer, train: TrainArgs) -> SupervisedDataset:
+    """A data file encoded as training encodes it: the training records and the eval records alike."""
+    return SupervisedDataset(path, tokenizer, train.max_len, train.max_src_len, train.prompt_text, train.task,
+                             train.input_key, train.target_key)
 
 
 def seed_everything(seed: int) -> None:
@@ -180,7 +188,9 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
     """The run itself, its output directory claimed."""
     seed_everything(train.seed)
     tokenizer = load_tokenizer(train.model_dir)
-    dataset = SupervisedDataset(train.train_path, tokenizer, train.max_len, train.max_src_len, train.prompt_text)
+    dataset = read_data(train.train_path, tokenizer, train)
+    eval_set = read_data(train.eval_path, tokenizer, train) if train.eval_path else None  # bad lines fail here, early
+    task = evaluate.task_of(train)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=train.seed)
     # A private generator: creating a loader iterator must not draw from the global RNG, or a resumed run's
     # dropout masks would differ from an uninterrupted one's.
@@ -213,16 +223,21 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
     trainable, all_params = count_parameters(model)
     info = {"method": tuner.NAME, "description": tuner.describe(method_args), "trainable_params": trainable,
             "all_params": all_params, "dtype": str(train_dtype(config)), "world_size": world}
+    evaluator = None if eval_set is None else evaluate.build(
+        engine, train, (dataset, eval_set), tokenizer, task, (position.get("summary") or {}).get("eval_history", ()))
     loop(engine, loader, sampler, dataset, train, total, position,
-         save=partial(save_checkpoint, engine, train, method_args, tuner, overrides, keep=resumed), info=info)
+         save=partial(save_checkpoint, engine, train, method_args, tuner, overrides, keep=resumed), info=info,
+         evaluator=evaluator)
     final = checkpoint.latest(train.output_dir)
     if rank == 0 and final is not None:
         log.info("done: %s, %s", final, rundir.size_text(final))
     return final
 
 
-def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict) -> None:
-    """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log and save on optimizer steps.
+def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict,
+         evaluator: evaluate.Evaluator | None = None) -> None:
+    """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log, evaluate (every rank) and save
+    on optimizer steps. With --save_best, an evaluation that improves on the best is saved too.
 
     Losses and token counts stay on ``engine.device`` (every tensor handed to a collective lives there, as NCCL
     requires). The host reads them once per optimizer step (the divergence check) and at log and save steps, so the
@@ -257,15 +272,21 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
                 scalars, tick = log_scalars(engine, meter, tick), time.perf_counter()
             monitor.step(step, scalars)
             done = step >= total
-            if done or (train.save_steps and step % train.save_steps == 0):
+            saving = done or bool(train.save_steps and step % train.save_steps == 0)
+            if evaluator is not None and evaluator.due(step, saving):
+                monitor.evaluated(step, evaluator())
+                saving = saving or evaluator.save_now()
+            if saving:
                 health.settle(step)
                 summary = monitor.snapshot(*meter.totals(), health=health.state())
-                save(step, {"step": step, "epoch": epoch, "batch": batch_index + 1, "summary": summary})
+                save(step, {"step": step, "epoch": epoch, "batch": batch_index + 1, "summary": summary,
+                            **(evaluator.fields() if evaluator is not None else {})})
             if done:
                 break
         epoch, skip = epoch + 1, 0
     health.settle(step)
-    monitor.close(Path(train.output_dir) / "train_summary.json", {**info, "steps": step, **health.summary()},
+    best = rundir.best_record(train.output_dir) if dist.get_rank() == 0 else {}
+    monitor.close(Path(train.output_dir) / "train_summary.json", {**info, "steps": step, **health.summary(), **best},
                   *meter.totals())
 
 

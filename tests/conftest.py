@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -53,3 +55,46 @@ def model() -> ChatGLMForConditionalGeneration:
 
 
 __all__ = ["chatglm", "tiny_config", "tiny_model", "shared_path", "prompt", "ROOT", "SHARED", "TINY_SPECIAL"]
+
+
+@pytest.fixture(scope="session")
+def group():
+    """A one-rank gloo process group, as ``python finetuning_x.py`` makes, shared by every in-process DeepSpeed test
+    and destroyed at the end of the session: DeepSpeed caches its groups (the sequence-data-parallel group among them)
+    at module level, so a group destroyed by one test module and made again by the next leaves those caches pointing
+    at the destroyed one ("Group ... is not registered")."""
+    import deepspeed
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    dist.destroy_process_group()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    """The tiny model made to produce varied text: an untied random output layer and louder attention (the tied
+    random model just repeats its last input token), saved with the tokenizer as a base-model directory."""
+    model, tok = chatglm.tiny()
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for layer in model.transformer.layers:
+            layer.attention.query_key_value.weight.mul_(10.0)
+            layer.attention.dense.weight.mul_(30.0)
+    model.config.tie_word_embeddings = False
+    model.lm_head = torch.nn.Linear(64, model.config.vocab_size, bias=False)
+    path = tmp_path_factory.mktemp("base")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -395,3 +395,38 @@ def test_hostfile_is_passed_to_the_deepspeed_launcher(tmp_path):
         compare.CompareArgs(hostfile=str(hostfile))
     with pytest.raises(ValueError, match="--num_nodes needs --hostfile"):
         compare.CompareArgs(num_nodes=2)
+
+
+# ---- issue 12: forgetting (--retention_path) in every prediction and in the report ---------------------------------
+def test_report_shows_forgetting_zero_for_the_base_row_and_a_dash_without_it():
+    untuned = {"nll_base": None, "nll_tuned": None, "nll_delta": 0.0, "changed_rate": 0.0, "untuned": True}
+    runs = [{"variant": "base", "method": "base", "seed": 1, "status": "ok",
+             "metrics": {"sample_f1": 0.1, "retention": untuned}},
+            {"variant": "lora", "method": "lora", "seed": 1, "status": "ok",
+             "metrics": {"sample_f1": 0.5, "retention": {"nll_base": 2.0, "nll_tuned": 2.25, "nll_delta": 0.25,
+                                                         "changed_rate": 0.25}}},
+            {"variant": "pt", "method": "pt", "seed": 1, "status": "ok", "metrics": {"sample_f1": 0.4}}]
+    settings = {**dataclasses.asdict(compare.CompareArgs()), "device": "cpu", "zero_stage": 1}
+    table = report.aggregate([report.flatten(r) for r in runs])
+    rows = table_rows(report.markdown(table, settings))
+    assert [rows[v]["forgetting ΔNLL"] for v in ("base", "lora", "pt")] == ["0.0000", "0.2500", "—"]
+    assert [rows[v]["answers changed"] for v in ("base", "lora", "pt")] == ["0.00%", "25.00%", "—"]
+
+
+def test_every_prediction_gets_the_retention_prompts_and_editing_them_runs_again(tmp_path, monkeypatch):
+    ran = fake_steps(monkeypatch)
+    prompts, ds = tmp_path / "prompts.jsonl", tmp_path / "ds.json"
+    prompts.write_text('{"prompt": "hello"}\n')
+    ds.write_text("{}")
+    args = compare.CompareArgs(retention_path=str(prompts), methods="lora", launcher="python",
+                               output_dir=str(tmp_path / "out"))
+    for argv in (compare.predict_argv(args), compare.base_argv(args, tmp_path)):
+        assert argv[argv.index("--retention_path") + 1] == str(prompts)
+    assert "--retention_path" not in compare.predict_argv(compare.CompareArgs())
+    for _ in range(2):
+        compare.run_one(args, "lora", 1, ds)
+    prompts.write_text('{"prompt": "goodbye"}\n')  # same name, other prompts
+    compare.run_one(args, "lora", 1, ds)
+    assert ran == ["lora", "lora"]
+    with pytest.raises(FileNotFoundError, match="retention prompts not found"):
+        compare.CompareArgs(retention_path=str(tmp_path / "missing.jsonl"))

@@ -10,7 +10,6 @@ import torch
 
 import chatglm
 from glmft.data import (
-    DEFAULT_PROMPT,
     IGNORE_INDEX,
     DataError,
     Record,
@@ -22,6 +21,7 @@ from glmft.data import (
     read_records,
     record_prompt_ids,
 )
+from glmft.tasks.triples import DEFAULT_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 SPO = Path(__file__).resolve().parents[2] / "shared" / "data" / "spo"

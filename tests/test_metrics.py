@@ -1,4 +1,4 @@
-"""Tests for glmft.metrics: parsing rules, per-record and corpus scores, bootstrap CI."""
+"""Tests for glmft.tasks.triples: parsing rules, per-record and corpus scores, bootstrap CI."""
 
 import json
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from glmft.metrics import _bootstrap_ci, format_summary, parse_triples, record_scores, score
+from glmft.tasks.triples import _bootstrap_ci, format_summary, parse_triples, record_scores, score
 
 SPO_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "spo" / "spo_1.json"
 

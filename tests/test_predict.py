@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import chatglm
 from chatglm.modeling_chatglm import SafeScoresProcessor
-from glmft import checkpoint, predict
+from glmft import checkpoint, predict, retention
 from glmft.args import TrainArgs
 from glmft.data import read_records, record_prompt_ids
 from glmft.train import meta_record
@@ -24,24 +25,6 @@ from glmft.tuners import TUNERS
 METHOD_ARGS = {"freeze": {"num_trainable_layers": 1}, "embedding": {}, "pt": {"pre_seq_len": 3},
                "lora": {"lora_r": 4}, "bitfit": {}, "ia3": {}, "adapter": {"adapter_size": 8}}
 TEST = ROOT / "data" / "sample_test.jsonl"
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """The tiny model made to produce varied text: an untied random output layer and louder attention (the tied
-    random model just repeats its last input token), saved with the tokenizer as a base-model directory."""
-    model, tok = chatglm.tiny()
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for layer in model.transformer.layers:
-            layer.attention.query_key_value.weight.mul_(10.0)
-            layer.attention.dense.weight.mul_(30.0)
-    model.config.tie_word_embeddings = False
-    model.lm_head = torch.nn.Linear(64, model.config.vocab_size, bias=False)
-    path = tmp_path_factory.mktemp("base")
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def make_checkpoint(method: str, base_dir, directory):
@@ -229,3 +212,53 @@ def test_meta_json_without_a_field_names_file_and_field(base_dir, tmp_path, fiel
     path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=re.escape(f"{path}: no {field}")):
         predict.run(predict.PredictArgs(ckpt_dir=str(tmp_path / "ckpt"), test_path=str(TEST)), TUNERS["embedding"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Forgetting (--retention_path): the checkpoint against its base model built alone; the base model alone is 0
+# ----------------------------------------------------------------------------------------------------------------
+def test_retention_measures_the_checkpoint_against_its_base_model_alone(base_dir, tmp_path, monkeypatch, capsys):
+    make_checkpoint("pt", base_dir, tmp_path / "ckpt")
+    built, real = [], predict.build_model
+
+    def build(path, dtype=torch.float32, overrides=None, **kw):
+        built.append(dict(overrides or {}))
+        return real(path, dtype, overrides, **kw)
+
+    monkeypatch.setattr(predict, "build_model", build)
+    args = predict.PredictArgs(test_path=str(TEST), ckpt_dir=str(tmp_path / "ckpt"), limit=2, max_new_tokens=2,
+                               retention_path="data/retention.jsonl", retention_max_new_tokens=6)
+    result = predict.run(args, TUNERS["pt"])
+    out = tmp_path / "ckpt" / "predict"
+    block = json.loads((out / "metrics.json").read_text())["retention"]
+    assert block == result["retention"] and block["prompts"] == 12 and "per_prompt" not in block
+    assert all(math.isfinite(block[k]) for k in ("nll_base", "nll_tuned", "nll_delta"))
+    assert block["nll_delta"] == pytest.approx(block["nll_tuned"] - block["nll_base"]) and block["nll_delta"] != 0
+    assert 0 <= block["changed_rate"] <= 1
+    # the reference came from the base model without the method's prefix encoder, built before the tuned model
+    assert built == [{}, {"pre_seq_len": 3, "prefix_projection": False}]
+    assert predict.base_overrides({"model_overrides": {"pre_seq_len": 3, "quantization_bit": 4}}) == {
+        "quantization_bit": 4}  # a quantized run's base is quantized alike
+    tok = chatglm.ChatGLMTokenizer.from_pretrained(base_dir)
+    ref = retention.reference(real(base_dir).eval(), tok, retention.load_prompts(), max_new_tokens=6)
+    assert block["nll_base"] == pytest.approx(sum(ref.nll) / sum(map(len, ref.answers)), rel=1e-5)
+    rows = [json.loads(line) for line in (out / "retention.jsonl").open()]
+    assert len(rows) == 12 and {"prompt", "base", "tuned", "nll_base", "nll_tuned", "changed"} <= rows[0].keys()
+    assert block["changed_rate"] == sum(r["changed"] for r in rows) / 12
+    assert "retention on 12 general prompts" in capsys.readouterr().out
+    args.retention_path = ""  # measured no more: no block, and no earlier run's rows left to pass for this run's
+    assert "retention" not in predict.run(args, TUNERS["pt"]) and not (out / "retention.jsonl").exists()
+
+
+def test_the_untuned_base_model_has_zero_forgetting_without_computing_it(base_dir, tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed")
+
+    monkeypatch.setattr(retention, "reference", refuse)
+    monkeypatch.setattr(retention, "measure", refuse)
+    args = predict.PredictArgs(model_dir=str(base_dir), test_path=str(TEST), limit=1, max_new_tokens=1,
+                               output_dir=str(tmp_path), retention_path="data/retention.jsonl")
+    block = predict.run(args)["retention"]
+    assert block["nll_delta"] == 0 and block["changed_rate"] == 0 and block["untuned"] and block["prompts"] == 12
+    assert json.loads((tmp_path / "metrics.json").read_text())["retention"] == block
+    assert not (tmp_path / "retention.jsonl").exists()

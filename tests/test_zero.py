@@ -18,7 +18,6 @@ from pathlib import Path
 import deepspeed
 import pytest
 import torch
-import torch.distributed as dist
 from test_scripts import SMALL, Pool, deepspeed_launcher, four_records, free_port, trained_weights
 
 from glmft import checkpoint, rundir
@@ -36,18 +35,6 @@ TUNED = {"lora": (lora, lora.Args(lora_r=4)), "pt": (pt, pt.Args(pre_seq_len=4, 
          "freeze": (freeze, freeze.Args(num_trainable_layers=1)), "bitfit": (bitfit, bitfit.Args()),
          "ia3": (ia3, ia3.Args()), "adapter": (adapter, adapter.Args(adapter_size=8))}
 TUNED.update(lora_int4=TUNED["lora"], freeze_int8=TUNED["freeze"])  # on a base quantized while loading
-
-
-@pytest.fixture(scope="module")
-def group():
-    """A one-rank gloo process group, as ``python finetuning_x.py`` makes; destroyed after this module."""
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0",
-                               WORLD_SIZE="1").items():
-            env.setenv(key, value)
-        deepspeed.init_distributed(dist_backend="gloo")
-        yield
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

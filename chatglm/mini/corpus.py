@@ -7,8 +7,8 @@ Only input fields of training splits go in, never a target and never a test inpu
 * ``adgen/train.jsonl`` ``content`` (attribute lists; not ``summary``, nothing from ``dev.jsonl``);
 * ``tnews/train.jsonl`` ``text`` (headlines; not ``label``, nothing from dev/test).
 
-The extraction prompt of the training scripts (``glmft.data.DEFAULT_PROMPT``) is the project's own text; it is given
-to the tokenizer trainer so that the prefix every fine-tuning input starts with costs few tokens.
+The extraction prompt of the training scripts (``glmft.tasks.triples.DEFAULT_PROMPT``) is the project's own text; it
+is given to the tokenizer trainer so that the prefix every fine-tuning input starts with costs few tokens.
 """
 
 from __future__ import annotations

@@ -24,13 +24,13 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from glmft.data import DEFAULT_PROMPT
+from glmft.tasks.triples import DEFAULT_PROMPT
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "data"
 SOURCES = [DATA / "sample_train.jsonl", DATA / "sample_test.jsonl"]
 
-# The training scripts' default prompt has one home, glmft.data (the module that owns the prompt layout).
+# The training scripts' default prompt has one home, glmft.tasks.triples (the task that owns it).
 PROMPT = DEFAULT_PROMPT
 
 NEWLINE = "<n>"

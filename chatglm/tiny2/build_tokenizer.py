@@ -24,7 +24,7 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
-from glmft.data import DEFAULT_PROMPT
+from glmft.tasks.triples import DEFAULT_PROMPT
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "data"

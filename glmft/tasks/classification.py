@@ -9,10 +9,15 @@
 * ``confusion``: rows are gold labels in ``labels`` order, columns the same labels plus a last ``"invalid"``
   column; ``plot_confusion`` draws it to a PNG.
 * A gold label outside the set is an error in the data, not in the model, and fails naming the record.
+
+The label set (``read_labels``): ``--labels`` (a file holding a JSON list or one label per line, or a comma-separated
+list), else ``labels.json`` beside the data file, else (training) the distinct labels of the training file, sorted;
+training records it in meta.json, where prediction finds it.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,9 +25,18 @@ from matplotlib import font_manager
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, f1_score
 
+from glmft.tasks.base import INSTRUCTION, Layout
+
 NAME = "classification"
+DEFAULT_PROMPT = "请判断下面文本的类别，只回答类别名称。文本："
+LAYOUTS = (Layout(("text",), "label"), Layout(("text",), "answer"), INSTRUCTION)
+USES_LABELS = True
+MULTI_REFERENCE = False
 HEADLINE = "accuracy"
+COLUMNS = (("accuracy", "accuracy", "f1"), ("macro_f1", "macro-F1", "f1"),
+           ("invalid_rate", "invalid", "share"))
 INVALID = "invalid"
+LABELS_FILE = "labels.json"  # looked for beside the data file when --labels is not given
 
 # Fonts with CJK glyphs, tried in order when a label is not ASCII (matplotlib's default font has none).
 _CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
@@ -58,7 +72,7 @@ def score(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> 
     _check(golds, preds, labels)
     known = set(labels)
     valid = [pred in known for pred in preds]
-    per_record = [{"correct": gold == pred, "valid": ok} for gold, pred, ok in zip(golds, preds, valid, strict=True)]
+    per_record = [record_scores(gold, pred, known) for gold, pred in zip(golds, preds, strict=True)]
     return {
         "accuracy": float(accuracy_score(golds, preds)),
         "macro_f1": float(f1_score(golds, preds, labels=labels, average="macro", zero_division=0)),
@@ -69,6 +83,59 @@ def score(golds: Sequence[str], preds: Sequence[str], labels: Sequence[str]) -> 
         "confusion": confusion(golds, preds, labels),
         "per_record": per_record,
     }
+
+
+def record_scores(gold: str, pred: str, labels: Sequence[str] | set[str]) -> dict[str, bool]:
+    """One record: ``correct`` (exactly the gold label) and ``valid`` (one of the labels)."""
+    return {"correct": gold == pred, "valid": pred in labels}
+
+
+def format_summary(metrics: dict) -> str:
+    """What predict prints: the scores, then the confusion matrix (rows gold, columns predicted)."""
+    m = metrics
+    lines = [f"records {m['n']}, {len(m['labels'])} labels: accuracy {m['accuracy']:.4f}, macro-F1 "
+             f"{m['macro_f1']:.4f}, invalid (outside the label set, counted wrong) {m['invalid_rate']:.1%}",
+             "confusion (rows gold, columns predicted; last column invalid):"]
+    width = max(len(label) for label in m["confusion_columns"])
+    for label, row in zip(m["labels"], m["confusion"], strict=True):
+        lines.append(f"  {label:<{width}} " + " ".join(f"{count:>4}" for count in row))
+    return "\n".join(lines)
+
+
+def write_figures(metrics: dict, out_dir: Path) -> list[Path]:
+    """The confusion matrix as ``confusion.png``."""
+    return [plot_confusion(metrics["confusion"], metrics["labels"], Path(out_dir) / "confusion.png")]
+
+
+def read_labels(spec: str, data_path: str | Path) -> tuple[list[str], str] | None:
+    """The label set and where it came from: ``spec`` (a file: JSON list or one label per line; else a comma list),
+    else ``labels.json`` beside ``data_path``; None when neither gives one."""
+    if spec:
+        path = Path(spec)
+        if not path.is_file() and (path.suffix in (".json", ".txt", ".jsonl") or "/" in spec):
+            raise FileNotFoundError(f"--labels {spec}: no such file (give a file, or labels separated by commas)")
+        if not path.is_file():
+            return _checked([s.strip() for s in spec.split(",") if s.strip()], "--labels"), "--labels"
+        return _checked(_labels_file(path), str(path)), str(path)
+    beside = Path(data_path).parent / LABELS_FILE
+    return (_checked(_labels_file(beside), str(beside)), str(beside)) if beside.is_file() else None
+
+
+def _labels_file(path: Path) -> list:
+    text = path.read_text(encoding="utf-8-sig")
+    if text.lstrip().startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{err.lineno}: not a valid JSON list of labels ({err.msg})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _checked(labels: list, where: str) -> list[str]:
+    bad = [x for x in labels if not isinstance(x, str) or not x.strip()]
+    if not labels or bad or len(set(labels)) != len(labels):
+        raise ValueError(f"{where}: the label set must be non-empty strings without repeats, got {labels!r}")
+    return labels
 
 
 def _cjk_font() -> str | None:

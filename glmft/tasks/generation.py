@@ -27,20 +27,33 @@ full precision (the means differ by at most 5e-5). ``mean_length`` is the mean n
 predictions and ``empty_rate`` the share of predictions with no non-whitespace character (THUDM reports
 neither). jieba's start-up log is silenced; its prefix dictionary ships inside the package and its cache lives in
 the temporary directory, so nothing here needs the network, and nltk's BLEU needs no downloaded data.
+
+Several references (a test record whose target is a list, as in the seed d2q test file): the prediction is scored
+against each and every metric takes its maximum over them (the convention ../shared/data/d2q/README.md adopts; THUDM's
+evaluation has one reference per record). ``gold`` in predictions.jsonl then holds the list.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import jieba
 from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
 from rouge_chinese import Rouge
 
+from glmft.tasks.base import INSTRUCTION, Layout
+
 NAME = "generation"
+DEFAULT_PROMPT = ""  # THUDM's ADGEN fine-tuning gives the attribute list as is; instruction records bring their own
+LAYOUTS = (Layout(("content",), "summary"), Layout(("text",), "answer"), INSTRUCTION)
+USES_LABELS = False
+MULTI_REFERENCE = True
 HEADLINE = "rouge-l"
 METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
+COLUMNS = (("rouge-l", "ROUGE-L", "score"), ("rouge-1", "ROUGE-1", "score"), ("rouge-2", "ROUGE-2", "score"),
+           ("bleu-4", "BLEU-4", "score"), ("mean_length", "gen. chars", "rate"), ("empty_rate", "empty", "share"))
 
 jieba.setLogLevel(logging.WARNING)  # "Building prefix dict ..." is INFO on every first use in a process
 _SMOOTHING = SmoothingFunction().method3
@@ -50,8 +63,16 @@ def _words(text: str) -> str:
     return " ".join(jieba.cut(text))
 
 
-def record_scores(reference: str, prediction: str) -> dict[str, float]:
-    """The four scores of one record, each x100 (see the module docstring for the empty-text rule)."""
+def record_scores(reference: str | Sequence[str], prediction: str) -> dict[str, float]:
+    """The four scores of one record, each x100 (see the module docstring for the empty-text rule); several
+    references: each metric's maximum over them."""
+    if not isinstance(reference, str):
+        each = [_one_reference(ref, prediction) for ref in reference]
+        return {name: max(scores[name] for scores in each) for name in METRICS}
+    return _one_reference(reference, prediction)
+
+
+def _one_reference(reference: str, prediction: str) -> dict[str, float]:
     hypothesis, target = _words(prediction), _words(reference)
     if hypothesis.split() and target.split():
         rouge = Rouge().get_scores(hypothesis, target)[0]
@@ -62,7 +83,7 @@ def record_scores(reference: str, prediction: str) -> dict[str, float]:
     return scores
 
 
-def score(references: Sequence[str], predictions: Sequence[str]) -> dict:
+def score(references: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict:
     """Corpus means of ROUGE-1/2/L F and BLEU-4 (x100), ``mean_length``, ``empty_rate``, ``n`` and ``per_record``
     (one dict per record: the four scores, ``length`` in characters and ``empty``)."""
     if len(references) != len(predictions):
@@ -70,9 +91,10 @@ def score(references: Sequence[str], predictions: Sequence[str]) -> dict:
     if not references:
         raise ValueError("no records to score")
     for i, (ref, pred) in enumerate(zip(references, predictions, strict=True)):
-        if not isinstance(ref, str) or not isinstance(pred, str):
-            raise TypeError(f"record {i}: reference and prediction must be strings, got "
-                            f"{type(ref).__name__} and {type(pred).__name__}")
+        several = isinstance(ref, list | tuple) and len(ref) > 0 and all(isinstance(r, str) for r in ref)
+        if not (isinstance(ref, str) or several) or not isinstance(pred, str):
+            raise TypeError(f"record {i}: the reference (or a non-empty list of them) and the prediction must be "
+                            f"strings, got {type(ref).__name__} and {type(pred).__name__}")
     per_record = []
     for ref, pred in zip(references, predictions, strict=True):
         per_record.append({**record_scores(ref, pred), "length": len(pred), "empty": not pred.split()})
@@ -81,3 +103,15 @@ def score(references: Sequence[str], predictions: Sequence[str]) -> dict:
     summary["mean_length"] = sum(r["length"] for r in per_record) / n
     summary["empty_rate"] = sum(r["empty"] for r in per_record) / n
     return {**summary, "n": n, "per_record": per_record}
+
+
+def format_summary(metrics: dict) -> str:
+    """What predict prints."""
+    scores = " / ".join(f"{metrics[name]:.2f}" for name in METRICS)
+    return (f"records {metrics['n']}: ROUGE-1 / ROUGE-2 / ROUGE-L / BLEU-4 (x100): {scores}\n"
+            f"mean generated length {metrics['mean_length']:.1f} characters; empty outputs {metrics['empty_rate']:.1%}")
+
+
+def write_figures(metrics: dict, out_dir: Path) -> list[Path]:
+    """Generation has no figure of its own."""
+    return []

@@ -1,4 +1,4 @@
-"""Scores for triple extraction: answers hold one ``subject_relation_object`` triple per line.
+"""Triple extraction (the seeds' task): answers hold one ``subject_relation_object`` triple per line.
 
 Parsing (the same for gold and generated answers, see ``parse_triples``):
 
@@ -31,8 +31,25 @@ percentile bootstrap over records.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from glmft.tasks.base import INSTRUCTION, Layout
+
+NAME = "triples"
+# The seed scripts' prompt. "\\n" is a literal backslash-n, exactly as the seed scripts have it.
+DEFAULT_PROMPT = (
+    '你现在是一个信息抽取模型，请你帮我抽取出关系内容为"性能故障", "部件故障", "组成"和 "检测工具"的相关三元组，'
+    '三元组内部用"_"连接，三元组之间用\\n分割。文本：'
+)
+LAYOUTS = (Layout(("text",), "answer"), INSTRUCTION)
+USES_LABELS = False
+MULTI_REFERENCE = False
+HEADLINE = "sample_f1"  # the seeds' metric, their table's 测试结果F1
+COLUMNS = (("sample_f1", "F1", "f1"), ("micro_precision", "micro P", "f1"), ("micro_recall", "micro R", "f1"),
+           ("micro_f1", "micro F1", "f1"), ("micro_f1_ci95", "F1 95% CI", "ci"),
+           ("parse_failure_rate", "parse fail", "share"))
 
 Triple = tuple[str, str, str]
 
@@ -119,7 +136,8 @@ def _bootstrap_ci(counts: np.ndarray, n_bootstrap: int, seed: int) -> list[float
 
 def score(golds: list[str], preds: list[str], *, relations: list[str] | None = None,
           n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Score generated answers against gold answers, one pair per record (see the module docstring)."""
+    """Score generated answers against gold answers, one pair per record (see the module docstring); the result
+    ends with ``per_record``."""
     if len(golds) != len(preds):
         raise ValueError(f"score() needs one prediction per gold answer: got {len(golds)} gold answers "
                          f"and {len(preds)} predictions")
@@ -149,6 +167,9 @@ def score(golds: list[str], preds: list[str], *, relations: list[str] | None = N
     }
     if relations is not None:
         result["unknown_relations"] = sorted(set(result["per_relation"]) - set(relations))
+    # Per record: its scores and the triples read from the prediction (what predictions.jsonl shows).
+    result["per_record"] = [{**record_scores(g, p), "triples": [list(t) for t in parse_triples(p).triples]}
+                            for g, p in zip(golds, preds, strict=True)]
     return result
 
 
@@ -173,3 +194,8 @@ def format_summary(metrics: dict) -> str:
         scores = " ".join(f"{_fmt(row[k]):>7}" for k in ("precision", "recall", "f1"))
         lines.append(f"{rel:<12} {scores} {row['support']:>8} {row['n_pred']:>6}")
     return "\n".join(lines)
+
+
+def write_figures(metrics: dict, out_dir: Path) -> list[Path]:
+    """Triples have no figure of their own."""
+    return []
