@@ -24,7 +24,7 @@ from chatglm.mini import MINI_DIR, card, corpus, tokenizer
 from chatglm.mini.objectives import Examples, Mix, Specials
 from chatglm.mini.pretrain import Schedule, Stream, pretrain
 from chatglm.tokenization_chatglm import ChatGLMTokenizer
-from glmft.data import DEFAULT_PROMPT
+from glmft.tasks.triples import DEFAULT_PROMPT
 
 PROMPTED = "spo_0 texts"  # the source whose copy examples may start with the extraction prompt
 WEIGHTS = {"spo_0 texts": 0.5, "d2q_0 documents": 0.25, "adgen train contents": 0.15, "tnews train headlines": 0.1}
@@ -39,8 +39,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--hidden_size", type=int, default=256)
     p.add_argument("--num_attention_heads", type=int, default=4)
     p.add_argument("--inner_hidden_size", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=2400, help="optimizer steps trained")
-    p.add_argument("--schedule_steps", type=int, default=2400,
+    p.add_argument("--steps", type=int, default=5000, help="optimizer steps trained")
+    p.add_argument("--schedule_steps", type=int, default=5000,
                    help="steps the warm-up and cosine decay are laid out for (0: --steps); a run with --steps below "
                    "it is the longer run stopped early, bit for bit")
     p.add_argument("--batch_size", type=int, default=16)
@@ -50,8 +50,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="multiply the initial output matrices of attention and MLP by this (see scale_outputs)")
     p.add_argument("--copy_whole_clauses", action=argparse.BooleanOptionalAction, default=True,
                    help="copy examples ask for whole clauses instead of random 2-8-character spans")
+    p.add_argument("--max_chars", type=int, default=360,
+                   help="longest window of a text one example sees (longer texts are cut at a random place)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=int, default=2,
                    help="torch threads (fixed: the order of float sums, so the result's bytes, depends on it)")
     p.add_argument("--snapshot_every", type=int, default=0, help="also save the model every N steps (experiments)")
     return p.parse_args(argv)
@@ -105,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     scale_outputs(model, args.out_init_scale)
     specials = Specials(tok.mask_token_id, tok.gmask_token_id, tok.bos_token_id, tok.eos_token_id)
     mix = Mix(*map(float, args.mix.split(",")), whole_clauses=args.copy_whole_clauses)
-    examples = Examples(tok, specials, mix, prompt=DEFAULT_PROMPT)
+    examples = Examples(tok, specials, mix, max_chars=args.max_chars, prompt=DEFAULT_PROMPT)
     stream = Stream(texts.texts, WEIGHTS, examples, args.seed, args.batch_size, prompted=PROMPTED)
     planned = args.schedule_steps or args.steps
     schedule = Schedule(steps=planned, stop=args.steps, batch_size=args.batch_size, lr=args.lr,
