@@ -72,14 +72,16 @@ def group():
     env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+    finally:  # the rendezvous is done: scripts that later tests start must not inherit this port (EADDRINUSE)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     yield
     dist.destroy_process_group()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from chatglm.mini import build, corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 MINI = ROOT / "chatglm" / "mini"
-TIMEOUT = 600
+TIMEOUT = 1200  # a hang guard: the extraction runs take about 5.5 min here
 SHARED = ["--model_dir", "mini", "--train_path", "data/sample_train.jsonl", "--max_len", "128", "--max_src_len", "96",
           "--train_batch_size", "8", "--log_steps", "5"]
 METHODS = {
