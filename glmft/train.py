@@ -42,14 +42,30 @@ SCHEDULE_FIELDS = ("train_batch_size", "gradient_accumulation_steps", "num_train
                    "weight_decay", "quantization_bit")
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the launcher's process group, or make a one-process group for ``python finetuning_x.py``."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(attempts: int = 5) -> tuple[int, int]:
+    """Join the launcher's process group, or make a one-process group for ``python finetuning_x.py``.
+
+    A free port found by binding port 0 is released before the rendezvous binds it again, so two plain runs started
+    at the same moment can be handed the same one (EADDRINUSE): the one that loses tries another port."""
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if "RANK" in os.environ:
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        for attempt in range(attempts):
+            os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", LOCAL_RANK="0",
+                              WORLD_SIZE="1")
+            try:
+                deepspeed.init_distributed(dist_backend=backend)
+                break
+            except dist.DistNetworkError:
+                if attempt + 1 == attempts:
+                    raise
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:

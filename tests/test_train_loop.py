@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +32,8 @@ BATCH = 2  # records per micro-batch
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce", "reduce_scatter",
                "reduce_scatter_tensor", "all_to_all_single", "gather", "scatter")
 HOST_READS = ("tolist", "item", "__bool__", "__float__", "__int__")
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class Engine:
@@ -287,3 +293,21 @@ def test_a_resumed_run_continues_its_log_and_summary(tmp_path):
     assert summary["samples"] == 60 and summary["tokens"] == 600
     assert summary["wall_seconds"] >= checkpointed["wall_seconds"]
     assert summary["history"][3]["wall_s"] >= checkpointed["wall_seconds"]
+
+
+def test_a_plain_run_handed_a_taken_port_tries_another():
+    """Two plain ``python finetuning_x.py`` runs started together can be handed the same free port (it is released
+    before the rendezvous binds it): the one that finds it taken must take another, not fail with EADDRINUSE."""
+    script = """
+import itertools, os, socket
+import glmft.train as t
+taken = socket.socket(); taken.bind(("127.0.0.1", 0)); taken.listen()
+busy = taken.getsockname()[1]
+ports = itertools.chain([busy], iter(t._free_port, None))
+t._free_port = lambda: next(ports)
+print(t.init_distributed(), busy != int(os.environ["MASTER_PORT"]))
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK")}
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "(0, 1) True"
