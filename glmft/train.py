@@ -53,6 +53,8 @@ def init_distributed(attempts: int = 5) -> tuple[int, int]:
 
     A free port found by binding port 0 is released before the rendezvous binds it again, so two plain runs started
     at the same moment can be handed the same one (EADDRINUSE): the one that loses tries another port."""
+    if dist.is_initialized():  # a group made by the caller (in-process use): its environment is not ours to change
+        return dist.get_rank(), dist.get_world_size()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if "RANK" in os.environ:
         deepspeed.init_distributed(dist_backend=backend)
