@@ -75,13 +75,20 @@ def group():
     try:
         deepspeed.init_distributed(dist_backend="gloo")
     finally:  # the rendezvous is done: scripts that later tests start must not inherit this port (EADDRINUSE)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    yield
+        restore(saved, keep=("LOCAL_RANK",))
+    yield  # LOCAL_RANK stays while the group lives: deepspeed.initialize asserts it (a launcher would have set it)
     dist.destroy_process_group()
+    restore(saved)
+
+
+def restore(saved: dict, keep: tuple = ()) -> None:
+    for k, v in saved.items():
+        if k in keep:
+            continue
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -279,6 +280,10 @@ def test_a_resumed_run_continues_its_log_and_summary(tmp_path):
         if step == 3:
             checkpointed = first.snapshot(samples=30, tokens=300)
     first.close()  # (a killed run leaves what it had flushed)
+    # A resumed run is a later process, so its event file sorts after the first's by its timestamp (whole seconds).
+    # In one process within one second the names differ only by a counter ("...9" sorts after "...10" in a long
+    # test session), which would make the reader meet the purge before the points it purges.
+    time.sleep(1.05 - time.time() % 1)
     second = Monitor(0, tmp_path / "runs", 6, 3, checkpointed)
     for step in range(4, 7):
         second.step(step, point(step, float(step)))
