@@ -591,8 +591,11 @@ class SafeScoresProcessor(LogitsProcessor):
     """
 
     def __init__(self, tokenizer):
-        self.n_pieces = tokenizer.vocab_size
-        self.fallback_id = tokenizer.convert_tokens_to_ids("▁")
+        # Every id the tokenizer can write: its vocabulary and any tokens added to it (other model families).
+        self.n_pieces = max(tokenizer.vocab_size, len(tokenizer))
+        blank = tokenizer.convert_tokens_to_ids("▁")
+        # A tokenizer without a blank piece (byte-level BPE) ends the answer there instead.
+        self.fallback_id = blank if blank is not None and blank != tokenizer.unk_token_id else tokenizer.eos_token_id
         self.reset()
 
     def reset(self) -> None:

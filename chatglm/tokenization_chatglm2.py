@@ -266,3 +266,21 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
     def build_chat_input(self, query: str, history: list[dict] | None = None, role: str = "user"):
         """``build_chat_ids`` as a one-row batch of tensors, ready for ``generate(**...)``."""
         return self.pad({"input_ids": [self.build_chat_ids(query, history, role)]}, return_tensors="pt")
+
+
+def tokenizer_class_for(directory: str | os.PathLike) -> type[ChatGLM2Tokenizer]:
+    """ChatGLM3Tokenizer or ChatGLM2Tokenizer for a model directory. The two releases' config.json files differ only
+    in ``_name_or_path`` (``THUDM/chatglm3-6b``, which the official file keeps) and ``seq_length``, and their
+    tokenizer_config.json files name the same remote class; a directory saved by this project names
+    ``ChatGLM3Tokenizer``."""
+
+    def read(name: str) -> dict:
+        path = os.path.join(directory, name)
+        return json.loads(open(path, encoding="utf-8").read()) if os.path.isfile(path) else {}
+
+    config, tokenizer_config = read("config.json"), read("tokenizer_config.json")
+    names = (config.get("_name_or_path", ""), tokenizer_config.get("name_or_path", ""))
+    if tokenizer_config.get("tokenizer_class") == "ChatGLM3Tokenizer" or any("chatglm3" in str(n).lower()
+                                                                            for n in names):
+        return ChatGLM3Tokenizer
+    return ChatGLM2Tokenizer

@@ -31,8 +31,8 @@ class TrainArgs:
     target_key: str = opt("", "record field holding the target (with --input_key)")
     labels: str | list[str] = opt("", "classification: the label set, a file (JSON list or one per line) or a comma "
                                   "list (default: labels.json beside --train_path, else the training labels)")
-    model_dir: str = opt("tiny", "local ChatGLM-6B directory (THUDM/chatglm-6b layout), or 'tiny' for the bundled "
-                         "random CPU stand-in")
+    model_dir: str = opt("tiny", "local model directory: ChatGLM-6B, ChatGLM2/3-6B (official layouts) or any "
+                         "transformers causal LM; 'tiny' (random CPU stand-in) or 'mini' (small pretrained)")
     output_dir: str = opt("", "where checkpoints and TensorBoard runs go (default: output/<method>)")
     num_train_epochs: int = opt(1, "passes over the training data")
     max_steps: int = opt(0, "stop after this many optimizer steps (0: run all epochs)")

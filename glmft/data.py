@@ -1,13 +1,16 @@
-"""Fine-tuning data: the only module that knows the prompt layout. Read records (``glmft.records``), encode them,
-batch them.
+"""Fine-tuning data: read records (``glmft.records``), encode them in the model family's layout, batch them.
 
-One example is laid out as the seeds laid it out (see the spec, section 8)::
+The layout belongs to the family (glmft.families: the tokenizer says which): the prompt the model reads before its
+answer, at training and prediction time alike, then the answer and its end token; only the answer and the end are
+labelled (ChatGLM v1 also labels its ``<sop>``, as the seeds did)::
 
-    input_ids = source + [gMASK] + <sop> + answer + <eop>
-    labels    = -100 * (len(source) + 1) + <sop> + answer + <eop>
+    ChatGLM v1:  source + [gMASK] + <sop> | answer + <eop>
+    ChatGLM2:    [gMASK] sop "[Round 1]\n\n问：{source}\n\n答：" | answer + </s>
+    ChatGLM3:    [gMASK] sop <|user|> "\n{source}" <|assistant|> "\n" | answer + </s>
+    causal LM:   chat template (user message + generation prompt) or [BOS] source | answer + EOS
 
 Labels are not shifted here; the model shifts them. The source keeps its start (the prompt) when cut. A cut answer
-gets no <eop>, so the model never learns to stop where the cut happened to fall. Special ids come from the tokenizer.
+gets no end token, so the model never learns to stop where the cut happened to fall.
 """
 
 from __future__ import annotations
@@ -17,10 +20,9 @@ from pathlib import Path
 
 import torch
 
-from glmft import tasks
+from glmft import families, tasks
+from glmft.families.base import IGNORE_INDEX, layout
 from glmft.records import DataError, Fields, Record, label_set, read_file, read_records  # noqa: F401 (API)
-
-IGNORE_INDEX = -100  # label value the loss skips
 
 
 @dataclass
@@ -47,27 +49,23 @@ def check_lengths(max_len: int, max_src_len: int) -> None:
         )
 
 
-def _source_ids(source: str, tokenizer, max_src_len: int) -> tuple[list[int], bool]:
-    ids = tokenizer.encode(source, add_special_tokens=False)
-    return ids[:max_src_len], len(ids) > max_src_len
-
-
 def encode(
     record: Record, tokenizer, max_len: int, max_src_len: int, stats: EncodeStats | None = None
 ) -> dict[str, list[int]]:
-    """``input_ids`` and ``labels`` for one record in the seeds' layout (module docstring); updates ``stats``."""
+    """``input_ids`` and ``labels`` for one record in its family's layout (module docstring); updates ``stats``."""
     check_lengths(max_len, max_src_len)
-    source, source_cut = _source_ids(record.source, tokenizer, max_src_len)
+    family = families.of_tokenizer(tokenizer)
+    prompt, source_cut = family.prompt(tokenizer, record.source, max_src_len)
     target = tokenizer.encode(record.target, add_special_tokens=False)
-    room = max_len - len(source) - 3
-    target_cut = len(target) > room
-    answer = [tokenizer.bos_token_id, *target[:room]] + ([] if target_cut else [tokenizer.eos_token_id])
-    input_ids = [*source, tokenizer.gmask_token_id, *answer]
-    labels = [IGNORE_INDEX] * (len(source) + 1) + answer
+    try:
+        input_ids, labels, target_cut = layout(prompt, target, tokenizer.eos_token_id, max_len,
+                                               family.LABEL_PROMPT_END)
+    except ValueError as err:
+        raise DataError(f"{record.path}:{record.line}: {err}") from None
     if stats is not None:
         stats.records += 1
         stats.tokens += len(input_ids)
-        stats.supervised += len(answer)
+        stats.supervised += sum(label != IGNORE_INDEX for label in labels)
         stats.longest = max(stats.longest, len(input_ids))
         stats.source_truncated += source_cut
         stats.target_truncated += target_cut
@@ -128,14 +126,13 @@ def collate(batch: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
 
 
 def record_prompt_ids(record: Record, tokenizer, max_src_len: int) -> list[int]:
-    """What the model is given at prediction time: the training example up to and including <sop>."""
-    source, _ = _source_ids(record.source, tokenizer, max_src_len)
-    return [*source, tokenizer.gmask_token_id, tokenizer.bos_token_id]
+    """What the model is given at prediction time: the training example up to where its answer starts."""
+    return families.of_tokenizer(tokenizer).prompt(tokenizer, record.source, max_src_len)[0]
 
 
 def build_prompt_ids(text: str, tokenizer, max_src_len: int, prompt_text: str | None = None,
                      task: str = tasks.DEFAULT) -> list[int]:
-    """Prediction input for a bare text, cut exactly as in training: prompt_text (default: the task's) + text,
-    [gMASK], <sop>."""
+    """Prediction input for a bare text, cut exactly as in training: prompt_text (default: the task's) + text, in
+    the family's prompt layout."""
     prompt = tasks.get(task).DEFAULT_PROMPT if prompt_text is None else prompt_text
     return record_prompt_ids(Record(prompt + text, "", "<text>", 0), tokenizer, max_src_len)

@@ -26,7 +26,12 @@ parameters, N world size (GPUs), p P-Tuning prefix length.
    (input 2, h->4h output 8, GeLU output 8, dropout mask 1) and two layernorm inputs 4 sbh; the 5 a s^2 b are the
    softmax output (2), the attention-dropout mask (1) and its output (2). With the MLP's inner size f in place of
    4h the per-layer term is ``s*b*(18h + 4f) + 5*a*s*s_k*b``, the same number for ChatGLM (f = 4h); s_k is the
-   key length, s + p with a P-Tuning prefix.
+   key length, s + p with a P-Tuning prefix. Grouped-query attention (ChatGLM2/3, llama, qwen2: K and V of width
+   k = key/value heads x head size instead of h) keeps K and V at 2 sbk each instead of 2 sbh: ``14h + 4k`` in place
+   of 18h. A gated MLP (SwiGLU: ChatGLM2/3's fused gate/up matrix, llama's gate_proj) keeps the gate and up
+   outputs, the activation's output and the product (2 sbf each) instead of the h->f output and the GeLU output:
+   8f in place of 4f. So in general ``s*b*(14h + 4k + c*f) + 5*a*s*s_k*b``, c = 4 or 8. Models without dropout
+   keep no masks, so for them this stays an upper bound by ~2 sbh + a s s_k b.
    It is an upper bound for our model. Measured with ``saved_activation_bytes`` (one chatglm-6b-sized layer, b = 2,
    s = 768, CPU): a layer whose weights train (freeze) keeps 36 sbh, a LoRA layer 28 sbh, a frozen layer the
    gradient only passes through 24 sbh (a frozen matmul keeps no copy of its input), and SDPA's fused kernels keep
@@ -37,10 +42,11 @@ parameters, N world size (GPUs), p P-Tuning prefix length.
    ``requires_grad`` on the meta model, not from the method's name.
    With full activation checkpointing each kept layer stores only its input, 2 sbh, and backward recomputes one
    layer at a time: + one layer's full activations.
-4. Loss head: our model runs the output layer on the labelled positions only, at most n = max_len - max_src_len
-   answer tokens per sequence (assumed all present): ``b * n * V * (2 + 4 + 4)`` bytes for the fp16 logits, their
-   fp32 copy for the cross-entropy and its fp32 gradient. (The original materialised all [b, s, V] logits in
-   fp16 and in fp32, 1.1 GiB at b = 2, s = 768, before the cross-entropy's own fp32 buffers.)
+4. Loss head: our ChatGLM v1 runs the output layer on the labelled positions only, at most n = max_len -
+   max_src_len answer tokens per sequence (assumed all present): ``b * n * V * (2 + 4 + 4)`` bytes for the fp16
+   logits, their fp32 copy for the cross-entropy and its fp32 gradient. (The original materialised all [b, s, V]
+   logits in fp16 and in fp32, 1.1 GiB at b = 2, s = 768, before the cross-entropy's own fp32 buffers.) The other
+   families (transformers' causal-LM loss) compute the logits of every position: n = max_len.
 5. A fixed 1 GiB allowance for the CUDA context, cuBLAS workspaces and allocator slack (stated, not measured).
 
 Not modelled: DeepSpeed's communication buckets (reduce/all-gather, with N > 1), the transient fp16 copy of one
@@ -50,6 +56,7 @@ step, and fragmentation (nvidia-smi shows the allocator's reserved memory, which
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -58,12 +65,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from chatglm import ChatGLMConfig
+from glmft import families
 from glmft.model import build_model, model_path
 
 GIB = 2**30
 CONTEXT_BYTES = 1 * GIB
-_LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -154,23 +160,46 @@ def gpu_weight_bytes(model: nn.Module, setting: Setting) -> tuple[int, int]:
 
 def layers_with_activations(model: nn.Module) -> int:
     """Layers from the lowest one a trainable parameter feeds into, up to the top."""
-    num_layers = model.config.num_layers
+    family = families.of_model(model)
+    num_layers = family.num_layers(model.config)
+    layer = re.compile(re.escape(family.layers_path(unwrapped(model))) + r"\.(\d+)\.")
+    below = {id(model.get_input_embeddings().weight)}  # the input end, under every layer
     lowest = num_layers
     for name, p in model.named_parameters():
         if p.requires_grad:
-            found = _LAYER.search(name)
+            found = layer.search(name)
             if found:
                 lowest = min(lowest, int(found.group(1)))
-            elif "final_layernorm" not in name:  # word embeddings, prefix encoder: below every layer
+            elif id(p) in below or "prefix_encoder" in name:  # the prefix feeds every layer
                 lowest = 0
+            # anything else outside the layers (final norm, an untied output layer) sits above them all
     return num_layers - lowest
 
 
-def layer_activation_bytes(config, batch: int, seq: int) -> int:
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (whose parameter names keep the inner model's as a suffix)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def gated_mlp(model: nn.Module) -> bool:
+    """Whether the MLP is gated (SwiGLU: a gate matrix beside the up-projection)."""
+    return any(".mlp." in name and "gate" in name for name, _ in model.named_parameters())
+
+
+def kv_width(config) -> int:
+    """Width of the keys (and of the values): key/value heads x head size; the hidden size without GQA."""
+    h, a = config.hidden_size, config.num_attention_heads
+    groups = getattr(config, "num_key_value_heads", None)
+    head = getattr(config, "head_dim", None) or h // a
+    return groups * head if groups else h
+
+
+def layer_activation_bytes(config, batch: int, seq: int, gated: bool = False) -> int:
     """One layer's activations kept for backward, fp16 (module docstring, item 3)."""
-    h, f, a = config.hidden_size, config.inner_hidden_size or 4 * config.hidden_size, config.num_attention_heads
-    keys = seq + (config.pre_seq_len or 0)
-    return seq * batch * (18 * h + 4 * f) + 5 * a * seq * keys * batch
+    h, a = config.hidden_size, config.num_attention_heads
+    f = (getattr(config, "inner_hidden_size", None) or getattr(config, "intermediate_size", None) or 4 * h)
+    keys = seq + (getattr(config, "pre_seq_len", None) or 0)
+    return seq * batch * (14 * h + 4 * kv_width(config) + (8 if gated else 4) * f) + 5 * a * seq * keys * batch
 
 
 def estimate(model: nn.Module, setting: Setting) -> Estimate:
@@ -179,7 +208,8 @@ def estimate(model: nn.Module, setting: Setting) -> Estimate:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     kept = layers_with_activations(model)
-    per_layer = layer_activation_bytes(config, b, s)
+    per_layer = layer_activation_bytes(config, b, s, gated_mlp(model))
+    answer_only = families.of_model(model).LOSS_LOGITS == "answer"
     weights, host = gpu_weight_bytes(model, setting)
     states = state_bytes(trainable, setting.zero_stage, setting.world_size)
     if setting.offload_optimizer:  # 16 B per partitioned element go to the host: fp32 master, m, v and gradient
@@ -189,7 +219,7 @@ def estimate(model: nn.Module, setting: Setting) -> Estimate:
         trainable=trainable, total=total, weights=weights, states=states, host=host, layers_kept=kept,
         activations=kept * per_layer,
         activations_ckpt=kept * 2 * s * b * config.hidden_size + (per_layer if kept else 0),
-        loss_head=b * (setting.max_len - setting.max_src_len) * config.vocab_size * (2 + 4 + 4),
+        loss_head=b * (s - setting.max_src_len if answer_only else s) * config.vocab_size * (2 + 4 + 4),
     )
 
 
@@ -215,7 +245,8 @@ def report(model_dir: str, methods: list[tuple[str, Any, Any]], quantization_bit
     """The estimate table for (name, tuner, tuner args) tuples: each model built from ``model_dir`` (a directory or
     its config.json) on the meta device with the tuner applied; a method that cannot be built gets its error."""
     rows: list[tuple[str, Estimate | str]] = []
-    stored = ChatGLMConfig.from_pretrained(model_path(model_dir)).quantization_bit
+    path = model_path(model_dir)
+    stored = json.loads((path / "config.json").read_text(encoding="utf-8")).get("quantization_bit", 0)
     if quantization_bit and stored and stored != quantization_bit:  # the loader refuses this too
         raise ValueError(f"{model_dir} stores INT{stored} weights: it cannot be estimated with --quantization_bit "
                          f"{quantization_bit} (leave it at 0)")

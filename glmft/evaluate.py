@@ -20,7 +20,7 @@ import torch.distributed as dist
 from transformers import LogitsProcessorList
 
 from chatglm.modeling_chatglm import SafeScoresProcessor
-from glmft import tasks
+from glmft import families, tasks
 from glmft.data import IGNORE_INDEX, DataError, collate, record_prompt_ids
 
 LOSS = "eval/loss"
@@ -45,9 +45,10 @@ def eval_loss(model, examples: Sequence[dict], batch_size: int, pad_token_id: in
     """Mean negative log-likelihood per supervised token over ``examples`` (encoded as for training), all ranks."""
     rank, size = world()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
+    extra = families.of_model(model).LOSS_KWARGS
     for chunk, real in rank_batches(examples, rank, size, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
-        loss = model(**batch, logits_to_keep=1).loss  # the mean over the tokens the model shifts its labels onto
+        loss = model(**batch, **extra).loss  # the mean over the tokens the model shifts its labels onto
         tokens = (batch["labels"][:, 1:] != IGNORE_INDEX).sum().double()
         total += torch.stack((loss.double() * tokens, tokens)) * float(real)
     if size > 1:

@@ -5,8 +5,8 @@ The base model's own greedy answers are the references. For each model, the nega
 reference token (each answer up to and including its <eop>, when the base stopped within ``max_new_tokens``) given
 the prompt; reported as the mean per token over all answers (``nll_base``, ``nll_tuned``) and their difference
 ``nll_delta`` (> 0: the tuned model finds the base's answers less likely; 0 for a model against itself). Also the
-share of prompts whose greedy answer changed (``changed_rate``). Prompts go in as a one-turn chat query: the text
-followed by [gMASK] <sop>, which is ChatGLM's chat layout without history.
+share of prompts whose greedy answer changed (``changed_rate``). Prompts go in as a one-turn query in the model
+family's prompt layout (ChatGLM v1: the text followed by [gMASK] <sop>, its chat layout without history).
 
 ``reference`` and ``measure`` split the work so that a caller short of memory can free the base model before it
 loads the tuned one, and score several tuned models against one reference.
@@ -15,13 +15,14 @@ loads the tuned one, and score several tuned models against one reference.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from glmft import shipped
+from glmft import families, shipped
 from glmft.data import DataError
 from glmft.evaluate import greedy
 
@@ -70,7 +71,7 @@ def answer_nll(model, prompt_ids: list[int], answer_ids: list[int]) -> float:
     device = model_device(model)
     ids = torch.tensor([prompt_ids + answer_ids], device=device)
     labels = torch.tensor([[-100] * len(prompt_ids) + answer_ids], device=device)
-    loss = model(input_ids=ids, labels=labels, logits_to_keep=1).loss  # the mean over the answer's tokens
+    loss = model(input_ids=ids, labels=labels, **families.of_model(model).LOSS_KWARGS).loss  # mean over the answer
     return float(loss) * len(answer_ids)
 
 
@@ -86,7 +87,8 @@ def reference(base_model, tokenizer, prompts: Sequence[str], max_new_tokens: int
     """The base model's greedy answers to ``prompts`` and their NLL under the base model itself."""
     was = _in_eval_mode(base_model)
     try:
-        prompt_ids = [tokenizer.encode(p) for p in prompts]  # text, [gMASK], <sop>
+        family = families.of_tokenizer(tokenizer)
+        prompt_ids = [family.prompt(tokenizer, p, sys.maxsize)[0] for p in prompts]  # uncut, as one chat turn
         answers = greedy(base_model, tokenizer, prompt_ids, max_new_tokens, model_device(base_model), batch_size)
         nll = [answer_nll(base_model, p, a) for p, a in zip(prompt_ids, answers, strict=True)]
     finally:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler
 
-from glmft import checkpoint, evaluate, optim, rundir, snapshot
+from glmft import checkpoint, evaluate, families, optim, rundir, snapshot
 from glmft.args import TrainArgs
 from glmft.data import SupervisedDataset, collate
 from glmft.health import Health
@@ -266,6 +266,7 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
     monitor = Monitor(dist.get_rank(), board, total, step, earlier)
     meter, health = Meter(engine.device), Health(engine, train, earlier and earlier.get("health"))
     size, tick = train.train_batch_size, time.perf_counter()
+    loss_kwargs = families.of_model(engine.module).LOSS_KWARGS
     while step < total and (train.max_steps or epoch < train.num_train_epochs):
         sampler.set_epoch(epoch)
         order = list(sampler)  # this rank's record indices in this epoch's order, to name a bad batch's lines
@@ -273,7 +274,7 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
             if batch_index < skip:
                 continue  # resuming: these micro-batches were trained before the checkpoint
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch, logits_to_keep=1).loss
+            loss = engine(**batch, **loss_kwargs).loss
             health.record(loss, [dataset.records[i].line for i in order[batch_index * size:][:size]])
             meter.add(loss, batch)
             engine.backward(loss)

@@ -7,7 +7,8 @@ chatglm2_on_glm.md``), GlmForCausalLM computes ChatGLM2/3's fp32 function once t
   under the official names again;
 - THUDM's P-Tuning v2 prefix (``transformer.prefix_encoder.*``, ``pre_seq_len`` / ``prefix_projection``), handed
   to every layer as the first ``pre_seq_len`` entries of a transformers cache;
-- the INT4/INT8 layout of ``THUDM/chatglm2-6b-int4``: ``quantized.py``, on ``chatglm/quantization.py``.
+- the INT4/INT8 layout of ``THUDM/chatglm2-6b-int4``: ``quantized.py``, on ``chatglm/quantization.py``;
+- ``chat()``, with each release's prompt format and stop tokens, for a quick manual check.
 
 Kept from GlmModel, not from the original (see the spec): a padding query row attends to nothing rather than to
 every key (those rows never feed a real token); ``hidden_states[-1]`` is after the final norm. In half precision
@@ -21,12 +22,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import GlmForCausalLM
+from transformers import GlmForCausalLM, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.models.glm.modeling_glm import GlmRotaryEmbedding
 from transformers.utils.deprecation import deprecate_kwarg
 
-from ..modeling_chatglm import torch_default_init
+from ..modeling_chatglm import SafeScoresProcessor, torch_default_init
 from ..quantization import QuantizedLinear
 from .configuration import ChatGLM2Config
 from .convert import GLM_PREFIX, official_to_glm
@@ -157,6 +158,41 @@ class ChatGLM2ForCausalLM(GlmForCausalLM):
         if isinstance(cache, PrefixCache) and hasattr(out, "cache"):
             out.cache = None  # nothing was cached; the prefix is rebuilt by the next call
         return out
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history: list | None = None, max_length: int = 8192,
+             do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, **generate_kwargs):
+        """One chat turn as the original's ``chat``: ChatGLM2's ``[Round N]`` text with (query, reply) pairs as
+        history; ChatGLM3's role tokens with ``{"role", "content"}`` messages as history, stopping at ``</s>``,
+        ``<|user|>`` or ``<|observation|>``. Returns (reply, history with this turn)."""
+        history = list(history or [])
+        three = hasattr(tokenizer, "build_chat_input")  # ChatGLM3Tokenizer
+        stop = tokenizer.chat_eos_token_ids if three else tokenizer.eos_token_id
+        kept = history
+        while True:  # as v1's chat: the oldest turns leave the prompt while it takes over 3/4 of max_length
+            inputs = (tokenizer.build_chat_input(query, kept) if three
+                      else tokenizer([tokenizer.build_prompt(query, kept)], return_tensors="pt"))
+            length = inputs["input_ids"].shape[1]
+            if not kept or length <= max_length - max(1, max_length // 4):
+                break
+            kept = kept[2:] if three else kept[1:]  # a ChatGLM3 turn is two messages
+        if length >= max_length:
+            raise ValueError(f"chat: the query alone is {length} tokens, max_length={max_length} leaves no room for "
+                             "a reply: raise max_length")
+        if do_sample:
+            generate_kwargs.update(top_p=top_p, temperature=temperature)
+        guard = LogitsProcessorList([SafeScoresProcessor(tokenizer)])
+        output = self.generate(**inputs.to(self.device), max_length=max_length, do_sample=do_sample,
+                               eos_token_id=stop, logits_processor=guard, **generate_kwargs)
+        new = output[0, inputs["input_ids"].shape[1]:].tolist()
+        if hasattr(tokenizer, "build_chat_input"):
+            new = [t for t in new if t not in stop]
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            metadata, _, content = text.partition("\n")  # the assistant turn opens with its metadata line
+            reply = content.strip() if not metadata.strip() else text.strip()
+            return reply, history + [{"role": "user", "content": query}, {"role": "assistant", "content": reply}]
+        reply = tokenizer.decode(new, skip_special_tokens=True).strip()
+        return reply, history + [(query, reply)]
 
     def load_prefix_encoder(self, source: str | dict[str, torch.Tensor]) -> None:
         """Load a THUDM P-Tuning v2 checkpoint as its ``main.py`` saves it (a directory whose ``pytorch_model.bin``

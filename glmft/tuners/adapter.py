@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from glmft import families
 from glmft.args import opt
 from glmft.tuners.base import enable, freeze_all
 
@@ -23,8 +24,6 @@ NAME = "adapter"
 # Houlsby et al. swept {3e-5, 3e-4, 3e-3} per task; we take the middle of that grid for new modules that start at
 # zero beside a large frozen base (tune it per task, as they did).
 DEFAULT_LR = 3e-4
-SITES = ("attention.dense", "mlp.dense_4h_to_h")  # ChatGLM v1's sublayer output projections, kept here only
-LAYERS = "transformer.layers"
 
 
 class Bottleneck(nn.Module):
@@ -65,8 +64,10 @@ def apply(model: nn.Module, args: Args) -> nn.Module:
     freeze_all(model)
     like = model.get_input_embeddings().weight  # the model's float dtype and device (meta for a dry run)
     hidden = model.config.hidden_size
-    for layer in model.get_submodule(LAYERS):
-        for site in SITES:
+    family = families.of_model(model)
+    sites = family.adapter_sites(model)  # each block's attention and MLP output projections
+    for layer in model.get_submodule(family.layers_path(model)):
+        for site in sites:
             projection = layer.get_submodule(site)
             if hasattr(projection, "adapter"):
                 raise ValueError(f"adapter: {site} already has an adapter; apply the method to a fresh model")

@@ -18,7 +18,7 @@ class Args:
 
 
 def describe(args: Args) -> str:
-    return "embedding (word embeddings only, tied to the output layer)"
+    return "embedding (the input word embeddings only; the output layer too where it is tied to them, as in ChatGLM v1)"
 
 
 def apply(model: nn.Module, args: Args) -> nn.Module:

@@ -7,17 +7,18 @@ from dataclasses import dataclass
 from torch import nn
 
 from chatglm.quantization import quantized_parameter_names
+from glmft import families
 from glmft.args import opt
 from glmft.tuners.base import enable, freeze_all
 
 NAME = "freeze"
 DEFAULT_LR = 1e-5
-PARTS = {"all": ("",), "mlp": (".mlp.",), "attention": (".attention.",)}
+PARTS = ("all", "mlp", "attention")  # what each means in a model: its family's parts()
 
 
 @dataclass
 class Args:
-    num_trainable_layers: int = opt(5, "train the last N layers (5: layers 23-27 of chatglm-6b's 28)")
+    num_trainable_layers: int = opt(5, "train the last N transformer layers (5: layers 23-27 of chatglm-6b's 28)")
     trainable_layers: str = opt("", "explicit comma-separated layer indices to train, e.g. 23,24,25 (overrides "
                                 "--num_trainable_layers)")
     trainable_part: str = opt("all", "which part of each chosen layer trains: all, mlp or attention")
@@ -57,9 +58,11 @@ def describe(args: Args) -> str:
 
 def apply(model: nn.Module, args: Args) -> nn.Module:
     freeze_all(model)
-    layers = chosen_layers(args, model.config.num_layers)
-    prefixes = tuple(f"transformer.layers.{i}." for i in layers)
-    parts = PARTS[args.trainable_part]
+    family = families.of_model(model)
+    layers = chosen_layers(args, family.num_layers(model.config))
+    path = family.layers_path(model)
+    prefixes = tuple(f"{path}.{i}." for i in layers)
+    parts = family.parts(model)[args.trainable_part]
     # On an INT4/INT8 base the quantized layers (integers, scales, biases) stay fixed and only the float tensors
     # of the chosen layers (their layernorms) train, as in the seeds' INT4 run.
     fixed = quantized_parameter_names(model)

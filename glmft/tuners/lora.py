@@ -1,4 +1,5 @@
-"""LoRA through PEFT: low-rank adapters on query_key_value (or any --lora_target modules), the base frozen."""
+"""LoRA through PEFT: low-rank adapters on the family's attention matrices (ChatGLM v1: query_key_value; any
+--lora_target modules), the base frozen."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from torch import nn
 
 from chatglm.quantization import QuantizedLinear, is_quantized
+from glmft import families
 from glmft.args import opt
 from glmft.tuners import peft_adapter
 from glmft.tuners.base import freeze_all
@@ -25,15 +27,15 @@ class Args:
     lora_r: int = opt(8, "rank of the low-rank update")
     lora_alpha: int = opt(32, "scaling numerator: the update is scaled by lora_alpha / lora_r")
     lora_dropout: float = opt(0.1, "dropout on the adapter's input")
-    lora_target: str = opt("query_key_value", "comma-separated module names to adapt (e.g. "
-                           "query_key_value,dense,dense_h_to_4h,dense_4h_to_h)")
+    lora_target: str = opt("", "comma-separated module names to adapt (empty: the model family's default, "
+                           "query_key_value on ChatGLM v1; e.g. query_key_value,dense,dense_h_to_4h,dense_4h_to_h)")
 
     def __post_init__(self) -> None:
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be at least 1, got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"--lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not self.targets():
+        if self.lora_target.strip() and not self.targets():
             raise ValueError("--lora_target names no module")
 
     def targets(self) -> list[str]:
@@ -41,14 +43,15 @@ class Args:
 
 
 def describe(args: Args) -> str:
-    return f"lora (r={args.lora_r}, alpha={args.lora_alpha}, dropout={args.lora_dropout}, on {args.lora_target})"
+    where = args.lora_target or "the family's default targets"
+    return f"lora (r={args.lora_r}, alpha={args.lora_alpha}, dropout={args.lora_dropout}, on {where})"
 
 
 def apply(model: nn.Module, args: Args) -> nn.Module:
     freeze_all(model)
     config = LoraConfig(
         task_type=TaskType.CAUSAL_LM, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        target_modules=args.targets(), bias="none",
+        target_modules=args.targets() or families.of_model(model).lora_targets(model), bias="none",
     )
     # PEFT's custom-module hook: on an INT4/INT8 base, a LoRA layer wraps our QuantizedLinear (the adapter stays
     # fp32 and adds its low-rank update to the dequantized matmul's output).

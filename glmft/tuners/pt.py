@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from glmft import families
 from glmft.args import opt
 from glmft.tuners.base import enable, freeze_all
 
@@ -36,9 +37,10 @@ def model_overrides(args: Args) -> dict:
 
 
 def apply(model: nn.Module, args: Args) -> nn.Module:
-    if getattr(model.config, "pre_seq_len", None) != args.pre_seq_len:
+    encoder = families.of_model(model).prefix_encoder(model)
+    if encoder is None or getattr(model.config, "pre_seq_len", None) != args.pre_seq_len:
         raise ValueError("pt: build the model with model_overrides(args) so it has a prefix encoder of "
-                         f"{args.pre_seq_len} tokens (it has pre_seq_len={model.config.pre_seq_len})")
+                         f"{args.pre_seq_len} tokens (it has pre_seq_len={getattr(model.config, 'pre_seq_len', None)})")
     freeze_all(model)
-    enable(model.transformer.prefix_encoder.parameters())
+    enable(encoder.parameters())
     return model
