@@ -18,6 +18,8 @@ AutoTokenizer.register(ChatGLMConfig, slow_tokenizer_class=ChatGLMTokenizer, exi
 from .chatglm2 import ChatGLM2Config, ChatGLM2ForCausalLM, register  # noqa: E402
 
 register()
+# ChatGLM2/3 directories: ChatGLMTokenizer.from_pretrained hands them to ChatGLM2Tokenizer or ChatGLM3Tokenizer.
+AutoTokenizer.register(ChatGLM2Config, slow_tokenizer_class=ChatGLMTokenizer, exist_ok=True)
 
 __all__ = [
     "ChatGLMConfig", "ChatGLMModel", "ChatGLMForConditionalGeneration", "ChatGLMTokenizer",

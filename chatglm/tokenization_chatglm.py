@@ -54,6 +54,19 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     """
 
     vocab_files_names = {"vocab_file": "ice_text.model"}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """As transformers', except that a ChatGLM2/3 directory (``tokenizer.model``, no ``ice_text.model``) gets its
+        own tokenizer class: all three releases name their tokenizer ``ChatGLMTokenizer`` in tokenizer_config.json,
+        so ``AutoTokenizer`` lands here for each of them."""
+        path = os.fspath(pretrained_model_name_or_path)
+        if (cls is ChatGLMTokenizer and os.path.isdir(path) and os.path.isfile(os.path.join(path, "tokenizer.model"))
+                and not os.path.isfile(os.path.join(path, cls.vocab_files_names["vocab_file"]))):
+            from .tokenization_chatglm2 import tokenizer_class_for  # it imports nothing of v1's: no cycle
+
+            return tokenizer_class_for(path).from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     model_input_names = ["input_ids", "attention_mask"]
     padding_side = "left"
     # Declared here rather than left to transformers' catch-all for unknown "*_token" keys, so that

@@ -201,6 +201,20 @@ class ChatGLM2Tokenizer(PreTrainedTokenizer):
         """ChatGLM2's chat text (module-level ``build_prompt``), here as on the original tokenizer."""
         return build_prompt(query, history)
 
+    RELEASE = 2
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As transformers', with tokenizer_config.json naming ``ChatGLMTokenizer`` as the official files do (the one
+        name ``AutoTokenizer`` resolves after ``import chatglm``) and ``chatglm_release`` saying which of the two."""
+        files = super().save_pretrained(save_directory, *args, **kwargs)
+        path = os.path.join(save_directory, "tokenizer_config.json")
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        config.update(tokenizer_class="ChatGLMTokenizer", chatglm_release=self.RELEASE)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        return files
+
     def save_vocabulary(self, save_directory: str, filename_prefix: str | None = None) -> tuple[str]:
         name = (f"{filename_prefix}-" if filename_prefix else "") + self.vocab_files_names["vocab_file"]
         target = os.path.join(save_directory, name)
@@ -221,6 +235,7 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 
     APPENDED = GLM_SPECIALS + ROLE_TOKENS
     WRITES_SPECIALS = True
+    RELEASE = 3
     _ROLE_TEXT = re.compile("|".join(re.escape(t) for t in ROLE_TOKENS))
 
     def __init__(self, vocab_file: str, encode_special_tokens: bool = False, **kwargs) -> None:
@@ -271,14 +286,16 @@ class ChatGLM3Tokenizer(ChatGLM2Tokenizer):
 def tokenizer_class_for(directory: str | os.PathLike) -> type[ChatGLM2Tokenizer]:
     """ChatGLM3Tokenizer or ChatGLM2Tokenizer for a model directory. The two releases' config.json files differ only
     in ``_name_or_path`` (``THUDM/chatglm3-6b``, which the official file keeps) and ``seq_length``, and their
-    tokenizer_config.json files name the same remote class; a directory saved by this project names
-    ``ChatGLM3Tokenizer``."""
+    tokenizer_config.json files name the same remote class; a directory saved by this project says
+    ``chatglm_release``."""
 
     def read(name: str) -> dict:
         path = os.path.join(directory, name)
         return json.loads(open(path, encoding="utf-8").read()) if os.path.isfile(path) else {}
 
     config, tokenizer_config = read("config.json"), read("tokenizer_config.json")
+    if "chatglm_release" in tokenizer_config:  # saved by this project
+        return ChatGLM3Tokenizer if tokenizer_config["chatglm_release"] == 3 else ChatGLM2Tokenizer
     names = (config.get("_name_or_path", ""), tokenizer_config.get("name_or_path", ""))
     if tokenizer_config.get("tokenizer_class") == "ChatGLM3Tokenizer" or any("chatglm3" in str(n).lower()
                                                                             for n in names):

@@ -5,7 +5,6 @@ BPE tokenizer trained here on data/sample_train.jsonl; qwen2's with a chat templ
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import BloomConfig, LlamaConfig, PreTrainedTokenizerFast, Qwen2Config
 
 import chatglm
-from chatglm import ChatGLM2Config, ChatGLM2ForCausalLM
+from chatglm import ChatGLM2Config, ChatGLM2ForCausalLM, ChatGLM2Tokenizer, ChatGLM3Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY2 = ROOT / "chatglm" / "tiny2"
@@ -29,11 +28,7 @@ def chatglm2_dir(directory: Path, version: int = 2, seed: int = 0) -> Path:
     config = ChatGLM2Config(padded_vocab_size=1024, hidden_size=64, num_layers=2, num_attention_heads=4,
                             kv_channels=16, multi_query_group_num=2, ffn_hidden_size=128, seq_length=512)
     ChatGLM2ForCausalLM(config).save_pretrained(directory)
-    shutil.copy(TINY2 / "tokenizer.model", directory / "tokenizer.model")
-    tokenizer_config = json.loads((TINY2 / "tokenizer_config.json").read_text())
-    if version == 3:  # how a saved ChatGLM3 directory names its tokenizer (glmft.families.chatglm2.is_chatglm3)
-        tokenizer_config["tokenizer_class"] = "ChatGLM3Tokenizer"
-    (directory / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (ChatGLM3Tokenizer if version == 3 else ChatGLM2Tokenizer).from_pretrained(TINY2).save_pretrained(directory)
     return directory
 
 

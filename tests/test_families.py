@@ -284,3 +284,26 @@ def test_chatglm3_chat_keeps_role_messages_and_chatglm2_keeps_pairs(family_dirs)
         reply, history = model.chat(tokenizer, "你好", max_length=40, do_sample=False)
         assert isinstance(history[0], first) and len(history) == (1 if kind == "chatglm2" else 2)
         assert isinstance(reply, str)
+
+
+def test_auto_tokenizer_gives_each_release_its_tokenizer(family_dirs, tmp_path):
+    """Saved here (``chatglm_release``) and laid out as the official directories are (tokenizer_config.json naming
+    the remote ``ChatGLMTokenizer``; only config.json's ``_name_or_path`` tells ChatGLM3), AutoTokenizer gives
+    ChatGLM2Tokenizer or ChatGLM3Tokenizer, never v1's tokenizer on a ChatGLM2 file."""
+    from transformers import AutoTokenizer
+
+    from chatglm import ChatGLM2Tokenizer, ChatGLM3Tokenizer, ChatGLMTokenizer
+
+    assert type(AutoTokenizer.from_pretrained(family_dirs["chatglm2"])) is ChatGLM2Tokenizer
+    assert type(AutoTokenizer.from_pretrained(family_dirs["chatglm3"])) is ChatGLM3Tokenizer
+    assert type(AutoTokenizer.from_pretrained(model_path("tiny"))) is ChatGLMTokenizer
+    for release, cls in ((2, ChatGLM2Tokenizer), (3, ChatGLM3Tokenizer)):
+        official = tmp_path / f"chatglm{release}"
+        official.mkdir()
+        (official / "tokenizer.model").write_bytes((family_dirs["chatglm2"] / "tokenizer.model").read_bytes())
+        (official / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "ChatGLMTokenizer", "remove_space": False, "do_lower_case": False,
+            "auto_map": {"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]}}))
+        config = json.loads((family_dirs["chatglm2"] / "config.json").read_text())
+        (official / "config.json").write_text(json.dumps({**config, "_name_or_path": f"THUDM/chatglm{release}-6b"}))
+        assert type(AutoTokenizer.from_pretrained(official)) is cls
