@@ -22,7 +22,8 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("output_dir", type=Path, help="a compare.py --task generation output directory")
     parser.add_argument("--train", default="../shared/data/d2q/d2q_0.json")
     parser.add_argument("--test", default="../shared/data/d2q/d2q_1.json")

@@ -200,3 +200,19 @@ def parse(tuner: types.ModuleType, argv: list[str] | None = None) -> tuple[Train
         return training_args(tuner, vars(parser.parse_args(argv)))
     except ValueError as err:
         parser.error(str(err))
+
+
+def parse_method(argv: list[str], names: list[str]) -> tuple[str, list[str]]:
+    """``finetune.py``: take ``--method NAME`` (or ``--method=NAME``) out of ``argv``; (name, the other arguments).
+    Without it, or with an unknown name, exit with usage naming the methods (``--help`` alone shows that too)."""
+    parser = argparse.ArgumentParser(
+        prog="finetune.py", allow_abbrev=False, add_help=False,
+        description="Fine-tune with any method: finetune.py --method NAME [the shared and that method's options]. "
+                    "`finetune.py --method NAME --help` lists them.")
+    parser.add_argument("--method", choices=names, required="--help" not in argv and "-h" not in argv,
+                        help="the fine-tuning method")
+    known, rest = parser.parse_known_args(argv)
+    if known.method is None:
+        parser.print_help()
+        raise SystemExit(0)
+    return known.method, rest

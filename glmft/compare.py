@@ -28,7 +28,18 @@ import torch
 
 from glmft import checkpoint, launch, report, retention, shipped, tasks
 from glmft.args import TrainArgs, opt, parse_one
-from glmft.compare_cmd import SHARED, VARIANTS, base_argv, base_labels, launcher, method_args, predict_argv, train_argv
+from glmft.compare_cmd import (
+    KINDS,
+    SEED_VARIANTS,
+    SHARED,
+    VARIANTS,
+    base_argv,
+    base_labels,
+    launcher,
+    method_args,
+    predict_argv,
+    train_argv,
+)
 from glmft.tuners import TUNERS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,8 +51,10 @@ class CompareArgs:
     model_dir: str = opt("tiny", "base model directory (or 'tiny'; for --dry_run also a config.json)")
     train_path: str = opt("data/sample_train.jsonl", "training file, the same for every method")
     test_path: str = opt("data/sample_test.jsonl", "test file, the same for every method")
-    methods: str = opt(",".join(VARIANTS), "comma-separated variants: pt trains the prefix through the projection "
-                       "MLP, pt_noproj without it (the seeds' 'PT-Only-Embedding')")
+    methods: str = opt(",".join(SEED_VARIANTS), "comma-separated variants, or 'all' (every one, grouped by kind: "
+                       "selective, soft prompts, additive modules, reparameterised): pt trains the prefix through the "
+                       "projection MLP, pt_noproj without it (the seeds' 'PT-Only-Embedding'); also bitfit, ia3, "
+                       "adapter")
     seeds: str = opt("1234", "comma-separated training seeds; several give mean ± std")
     output_dir: str = opt("results", "where the runs, their TensorBoard logs (runs/) and the comparison go")
     task: str = opt(tasks.DEFAULT, f"what every method learns and is scored on: {', '.join(tasks.TASKS)} (its "
@@ -105,6 +118,8 @@ class CompareArgs:
             method_args(self, variant)  # a method option its script would refuse fails here, before any run
 
     def variants(self) -> list[str]:
+        if self.methods.strip() == "all":
+            return [v for group in KINDS.values() for v in group]
         return [v.strip() for v in self.methods.split(",") if v.strip()]
 
     def seed_list(self) -> list[int]:

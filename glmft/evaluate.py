@@ -41,11 +41,13 @@ def rank_batches(items: Sequence, rank: int, size: int, batch_size: int) -> Iter
 
 
 @torch.no_grad()
-def eval_loss(model, examples: Sequence[dict], batch_size: int, pad_token_id: int, device: torch.device) -> float:
-    """Mean negative log-likelihood per supervised token over ``examples`` (encoded as for training), all ranks."""
+def eval_loss(model, examples: Sequence[dict], batch_size: int, pad_token_id: int, device: torch.device,
+              extra: dict | None = None) -> float:
+    """Mean negative log-likelihood per supervised token over ``examples`` (encoded as for training), all ranks.
+    ``extra``: the model family's forward arguments with labels (glmft.families, ``LOSS_KWARGS``)."""
     rank, size = world()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss x tokens, tokens
-    extra = families.of_model(model).LOSS_KWARGS
+    extra = extra or {}
     for chunk, real in rank_batches(examples, rank, size, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_token_id).items()}
         loss = model(**batch, **extra).loss  # the mean over the tokens the model shifts its labels onto
@@ -167,7 +169,7 @@ def build(engine, train, data: tuple, tokenizer, task: types.ModuleType | None,
         module.eval()  # dropout off; restored below, whatever happens
         try:
             scalars = {LOSS: eval_loss(module, eval_set.examples, train.eval_batch_size, tokenizer.pad_token_id,
-                                       engine.device)}
+                                       engine.device, families.of_tokenizer(tokenizer).LOSS_KWARGS)}
             if task is not None:
                 preds = sharded_answers(module, tokenizer, prompts, train.max_len - train.max_src_len,
                                         train.eval_batch_size, engine.device, synced)

@@ -245,7 +245,7 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
         engine, train, (dataset, eval_set), tokenizer, task, (position.get("summary") or {}).get("eval_history", ()))
     loop(engine, loader, sampler, dataset, train, total, position,
          save=partial(save_checkpoint, engine, train, method_args, tuner, overrides, keep=resumed), info=info,
-         evaluator=evaluator)
+         evaluator=evaluator, loss_kwargs=families.of_model(model).LOSS_KWARGS)
     final = checkpoint.latest(train.output_dir)
     if rank == 0 and final is not None:
         log.info("done: %s, %s", final, rundir.size_text(final))
@@ -253,9 +253,10 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
 
 
 def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict,
-         evaluator: evaluate.Evaluator | None = None) -> None:
+         evaluator: evaluate.Evaluator | None = None, loss_kwargs: dict | None = None) -> None:
     """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log, evaluate (every rank) and save
-    on optimizer steps. With --save_best, an evaluation that improves on the best is saved too.
+    on optimizer steps. With --save_best, an evaluation that improves on the best is saved too. ``loss_kwargs``: the
+    model family's extra forward arguments with labels (glmft.families, ``LOSS_KWARGS``).
 
     Losses and token counts stay on ``engine.device`` (every tensor handed to a collective lives there, as NCCL
     requires). The host reads them once per optimizer step (the divergence check) and at log and save steps, so the
@@ -266,7 +267,7 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
     monitor = Monitor(dist.get_rank(), board, total, step, earlier)
     meter, health = Meter(engine.device), Health(engine, train, earlier and earlier.get("health"))
     size, tick = train.train_batch_size, time.perf_counter()
-    loss_kwargs = families.of_model(engine.module).LOSS_KWARGS
+    loss_kwargs = loss_kwargs or {}
     while step < total and (train.max_steps or epoch < train.num_train_epochs):
         sampler.set_epoch(epoch)
         order = list(sampler)  # this rank's record indices in this epoch's order, to name a bad batch's lines

@@ -430,3 +430,15 @@ def test_every_prediction_gets_the_retention_prompts_and_editing_them_runs_again
     assert ran == ["lora", "lora"]
     with pytest.raises(FileNotFoundError, match="retention prompts not found"):
         compare.CompareArgs(retention_path=str(tmp_path / "missing.jsonl"))
+
+
+def test_methods_all_runs_every_variant_grouped_by_kind(capsys):
+    if not CONFIG.is_file():
+        pytest.skip(f"{CONFIG} is absent (../shared is not beside this checkout)")
+    args = compare.CompareArgs(model_dir=str(CONFIG), methods="all", dry_run=True)
+    assert args.variants() == ["freeze", "bitfit", "embedding", "pt", "pt_noproj", "adapter", "ia3", "lora"]
+    assert compare.CompareArgs().variants() == ["freeze", "embedding", "pt", "pt_noproj", "lora"]  # the seeds'
+    compare.run(args)
+    rows = parse_estimate(capsys.readouterr().out)
+    assert list(rows) == args.variants()
+    assert rows["bitfit"]["trainable"] == "1,265,664" and rows["ia3"]["trainable"] == "802,816"

@@ -47,7 +47,7 @@ class Engine:
         self.micro_steps = self.global_steps = self.skipped_steps = 0
         self.applied: list[int] = []  # optimizer steps whose update reached the weights
 
-    def __call__(self, input_ids, labels, attention_mask, logits_to_keep):
+    def __call__(self, input_ids, labels, attention_mask, **loss_kwargs):
         assert input_ids.device == self.device
         return SimpleNamespace(loss=torch.full((), self.loss(self.micro_steps), device=self.device))
 
