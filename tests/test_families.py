@@ -119,15 +119,40 @@ def test_freeze_trains_exactly_the_last_layers_of_each_family(family_dirs, kind)
     assert names == every and names
 
 
-def test_pt_uses_chatglm2s_prefix_encoder_and_other_models_refuse_it(family_dirs):
+def test_pt_uses_chatglm2s_prefix_encoder_and_is_attached_to_rotary_causal_lms(family_dirs):
     tuner = TUNERS["pt"]
     args = tuner.Args(pre_seq_len=4)
     model = tuner.apply(build_model(family_dirs["chatglm2"], overrides=tuner.model_overrides(args)), args)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"prefix_encoder.embedding.weight"}
-    with pytest.raises(ValueError, match="pt .*prefix encoder built into ChatGLM v1 and ChatGLM2/3; llama has none"):
-        build_model(family_dirs["llama"], overrides=tuner.model_overrides(args))
+    model = tuner.apply(build_model(family_dirs["llama"], overrides=tuner.model_overrides(args)), args)
+    assert {n: p.shape for n, p in model.named_parameters() if p.requires_grad} == {
+        "prefix_encoder.embedding.weight": (4, 2 * 2 * 2 * 16)}  # 2 x layers x key/value heads x head size
+    with pytest.raises(ValueError, match="pt .*needs rotary positions .*bloom has neither"):
+        build_model(family_dirs["bloom"], overrides=tuner.model_overrides(args))
     with pytest.raises(ValueError, match="quantization_bit .*bloom loads in floating point"):
         build_model(family_dirs["bloom"], overrides={"quantization_bit": 4})
+
+
+@pytest.mark.parametrize("kind,projection", [("llama", False), ("qwen2", True)])
+def test_a_causal_lms_prefix_is_used_with_and_without_the_cache_and_in_batches(family_dirs, kind, projection):
+    """The prefix rides on the model's own cache: cached greedy generation equals generation that recomputes
+    everything each step, a left-padded batch equals one prompt at a time, and a moved prefix moves the output."""
+    tuner = TUNERS["pt"]
+    args = tuner.Args(pre_seq_len=3, prefix_projection=projection)
+    model = decisive(tuner.apply(build_model(family_dirs[kind], overrides=tuner.model_overrides(args)), args))
+    tokenizer = load_tokenizer(family_dirs[kind])
+    prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
+    settings = dict(max_new_tokens=6, do_sample=False, num_beams=1)
+    batched, _ = decode.generate(model, tokenizer, prompts, batch_size=4, **settings)
+    single = [decode.generate(model, tokenizer, [p], batch_size=1, **settings)[0][0] for p in prompts]
+    uncached = [decode.generate(model, tokenizer, [p], batch_size=1, use_cache=False, **settings)[0][0]
+                for p in prompts]
+    assert batched == single == uncached and len({tuple(r) for r in batched}) > 1
+    ids = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        model.prefix_encoder.embedding.weight.add_(1.0)
+        assert not torch.allclose(model(input_ids=ids).logits, before)
 
 
 def decisive(model):
@@ -155,7 +180,7 @@ def test_batched_generation_equals_one_prompt_at_a_time(family_dirs, kind):
 
 
 @pytest.mark.parametrize("kind,method", [("chatglm2", "pt"), ("chatglm3", "lora"), ("bloom", "lora"),
-                                         ("llama", "adapter"), ("qwen2", "ia3"), ("bloom", "freeze")])
+                                         ("llama", "adapter"), ("qwen2", "ia3"), ("bloom", "freeze"), ("llama", "pt")])
 def test_save_then_load_gives_identical_logits(family_dirs, tmp_path, kind, method):
     tuner = TUNERS[method]
     args = tuner.Args(**{"pt": {"pre_seq_len": 4}, "freeze": {"num_trainable_layers": 1}}.get(method, {}))
@@ -192,15 +217,12 @@ OPTIONS = {"freeze": ["--num_trainable_layers", "1"], "pt": ["--pre_seq_len", "4
            "adapter": ["--adapter_size", "8"]}
 model_dir, work = sys.argv[1], Path(sys.argv[2])
 found = {}
-builtin_prefix = families.of_dir(model_dir).NAME != "causal_lm"
 for name, tuner in TUNERS.items():
-    if name == "pt" and not builtin_prefix:
-        continue
     argv = ["--model_dir", model_dir, "--max_steps", "2", "--log_steps", "1", "--max_len", "96", "--max_src_len", "48",
             "--output_dir", str(work / name), *OPTIONS.get(name, [])]
     try:
         ckpt = train.run(*args.parse(tuner, argv), tuner)
-    except ValueError as err:  # a method the model has nothing for (bitfit on a model without biases)
+    except ValueError as err:  # a method the model has nothing for (bitfit without biases, pt on ALiBi)
         found[name] = {"refused": str(err)}
         continue
     metrics = predict.run(predict.PredictArgs(ckpt_dir=str(ckpt), max_new_tokens=4, limit=3))
@@ -215,16 +237,17 @@ print("RESULT " + json.dumps(found, ensure_ascii=False, default=str))
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_method_trains_and_predicts_on_each_family(family_dirs, tmp_path, kind):
     """One process per model: every tuner of the table trains 2 steps through glmft.train and predicts the shipped
-    triples sample through predict (pt only where the family has a built-in prefix encoder)."""
+    triples sample through predict; a method the model cannot take is refused with the reason."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", LOOP, str(family_dirs[kind]), str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     found = json.loads(done.stdout.split("RESULT ", 1)[1])
-    expected = [m for m in TUNERS if m != "pt" or FAMILY_OF[kind] != "causal_lm"]
-    assert list(found) == expected
+    assert list(found) == list(TUNERS)
     if kind == "llama":  # llama has no bias anywhere: bitfit says so instead of training nothing
         assert found.pop("bitfit") == {"refused": "bitfit: the model has no bias parameters to train"}
+    if kind == "bloom":  # ALiBi: a prefix would shift every token's position bias
+        assert "needs rotary positions" in found.pop("pt")["refused"]
     for name, run in found.items():
         assert run["meta"]["method"] == name and run["metrics"]["method"] == name
         assert run["metrics"]["n_records"] == 3 and isinstance(run["metrics"]["micro_f1"], float)

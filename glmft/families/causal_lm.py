@@ -7,7 +7,8 @@ Example layout: with a chat template in the tokenizer, the source as one user me
 Layer paths and method defaults come from the model itself: the layer list is the ModuleList of
 ``num_hidden_layers`` blocks; LoRA and (IA)^3 targets are PEFT's defaults for the model type; the adapter sites
 are the output projections of each block's attention and MLP (the last linear layer of each that writes the hidden
-size). P-Tuning v2 and our INT4/INT8 layers are ChatGLM's; asked for here, they are refused with the reason.
+size). P-Tuning v2 is ChatGLM2's prefix attached to the loaded model (glmft.families.prefix; rotary models only).
+Our INT4/INT8 layers are ChatGLM's; asked for here, they are refused with the reason.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from glmft.families.base import cut_text, layer_list_path
+from glmft.families.prefix import attach, supports_prefix
 
 NAME = "causal_lm"
 END = "eos"
@@ -33,11 +35,10 @@ LOSS_KWARGS: dict = {}
 LOSS_LOGITS = "all"  # which positions get logits in training: the memory estimate's loss head
 QUANTIZATION = False
 REFUSED = {
-    "pre_seq_len": "pt (P-Tuning v2) uses the prefix encoder built into ChatGLM v1 and ChatGLM2/3; {model_type} has "
-                   "none (use lora, ia3, adapter, bitfit, freeze or embedding)",
     "quantization_bit": "--quantization_bit quantizes ChatGLM's layers with our INT4/INT8 kernels; {model_type} "
                         "loads in floating point here",
 }
+PREFIX_FIELDS = ("pre_seq_len", "prefix_projection")  # P-Tuning v2: glmft.families.prefix, attached after loading
 
 
 def matches(config: dict) -> bool:
@@ -70,11 +71,20 @@ def build_config(path: Path, overrides: dict):
 
 
 def build_model(path: Path, dtype: torch.dtype, overrides: dict, meta: bool) -> nn.Module:
-    config = build_config(path, overrides)
+    prefix = {k: overrides[k] for k in PREFIX_FIELDS if k in overrides}
+    config = build_config(path, {k: v for k, v in overrides.items() if k not in PREFIX_FIELDS})
     if meta:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config).to(dtype)
-    return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+            model = AutoModelForCausalLM.from_config(config).to(dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
+    if prefix.get("pre_seq_len"):
+        if not supports_prefix(model):
+            raise ValueError(f"pt (P-Tuning v2) needs rotary positions and a transformers key/value cache; "
+                             f"{config.model_type} has neither (ALiBi or its own cache layout): use lora, ia3, "
+                             "adapter, bitfit, freeze or embedding")
+        attach(model, prefix["pre_seq_len"], bool(prefix.get("prefix_projection")))
+    return model
 
 
 def prompt(tokenizer, source: str, max_src_len: int) -> tuple[list[int], bool]:
@@ -146,4 +156,4 @@ def ia3_targets(model) -> tuple[list[str], list[str]]:
 
 
 def prefix_encoder(model):
-    return None
+    return getattr(model, "prefix_encoder", None)  # only when built with pre_seq_len
