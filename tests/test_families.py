@@ -119,7 +119,7 @@ def test_freeze_trains_exactly_the_last_layers_of_each_family(family_dirs, kind)
     assert names == every and names
 
 
-def test_pt_uses_chatglm2s_prefix_encoder_and_is_attached_to_rotary_causal_lms(family_dirs):
+def test_pt_uses_chatglm2s_prefix_encoder_and_is_attached_to_causal_lms(family_dirs):
     tuner = TUNERS["pt"]
     args = tuner.Args(pre_seq_len=4)
     model = tuner.apply(build_model(family_dirs["chatglm2"], overrides=tuner.model_overrides(args)), args)
@@ -127,13 +127,11 @@ def test_pt_uses_chatglm2s_prefix_encoder_and_is_attached_to_rotary_causal_lms(f
     model = tuner.apply(build_model(family_dirs["llama"], overrides=tuner.model_overrides(args)), args)
     assert {n: p.shape for n, p in model.named_parameters() if p.requires_grad} == {
         "prefix_encoder.embedding.weight": (4, 2 * 2 * 2 * 16)}  # 2 x layers x key/value heads x head size
-    with pytest.raises(ValueError, match="pt .*needs rotary positions .*bloom has neither"):
-        build_model(family_dirs["bloom"], overrides=tuner.model_overrides(args))
     with pytest.raises(ValueError, match="quantization_bit .*bloom loads in floating point"):
         build_model(family_dirs["bloom"], overrides={"quantization_bit": 4})
 
 
-@pytest.mark.parametrize("kind,projection", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("kind,projection", [("llama", False), ("qwen2", True), ("bloom", False)])
 def test_a_causal_lms_prefix_is_used_with_and_without_the_cache_and_in_batches(family_dirs, kind, projection):
     """The prefix rides on the model's own cache: cached greedy generation equals generation that recomputes
     everything each step, a left-padded batch equals one prompt at a time, and a moved prefix moves the output."""
@@ -222,7 +220,7 @@ for name, tuner in TUNERS.items():
             "--output_dir", str(work / name), *OPTIONS.get(name, [])]
     try:
         ckpt = train.run(*args.parse(tuner, argv), tuner)
-    except ValueError as err:  # a method the model has nothing for (bitfit without biases, pt on ALiBi)
+    except ValueError as err:  # a method the model has nothing for (bitfit on a model without biases)
         found[name] = {"refused": str(err)}
         continue
     metrics = predict.run(predict.PredictArgs(ckpt_dir=str(ckpt), max_new_tokens=4, limit=3))
@@ -246,8 +244,6 @@ def test_every_method_trains_and_predicts_on_each_family(family_dirs, tmp_path, 
     assert list(found) == list(TUNERS)
     if kind == "llama":  # llama has no bias anywhere: bitfit says so instead of training nothing
         assert found.pop("bitfit") == {"refused": "bitfit: the model has no bias parameters to train"}
-    if kind == "bloom":  # ALiBi: a prefix would shift every token's position bias
-        assert "needs rotary positions" in found.pop("pt")["refused"]
     for name, run in found.items():
         assert run["meta"]["method"] == name and run["metrics"]["method"] == name
         assert run["metrics"]["n_records"] == 3 and isinstance(run["metrics"]["micro_f1"], float)
@@ -330,3 +326,18 @@ def test_auto_tokenizer_gives_each_release_its_tokenizer(family_dirs, tmp_path):
         config = json.loads((family_dirs["chatglm2"] / "config.json").read_text())
         (official / "config.json").write_text(json.dumps({**config, "_name_or_path": f"THUDM/chatglm{release}-6b"}))
         assert type(AutoTokenizer.from_pretrained(official)) is cls
+
+
+@pytest.mark.parametrize("projection,line", [
+    (False, "trainable params: 983,040 || all params: 1,304,094,720 || trainable%: 0.0754"),
+    (True, "trainable params: 205,641,728 || all params: 1,508,753,408 || trainable%: 13.6299"),
+])
+def test_prefix_tuning_on_bloom_1b4_zh_counts_as_the_seeds_peft_table(projection, line):
+    """PEFT's prefix encoder computes the prefix, so the counts are the seed's (configs README, 10 virtual tokens)."""
+    from glmft.model import summary_line
+
+    config = shared_path("fixtures", "configs", "bloom-1b4-zh", "config.json")
+    tuner = TUNERS["pt"]
+    args = tuner.Args(pre_seq_len=10, prefix_projection=projection)
+    model = tuner.apply(build_model(config, torch.float16, tuner.model_overrides(args), meta=True), args)
+    assert summary_line(model) == line

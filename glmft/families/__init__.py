@@ -18,7 +18,7 @@ tasks and compare stay the same for all of them:
   (what ``--trainable_part attention|mlp`` matches), ``adapter_sites(model)``;
 * method defaults: ``lora_targets(model)``, ``ia3_targets(model) -> (targets, feedforward)``;
 * the P-Tuning v2 prefix: ``prefix_encoder(model)``, its module where the model was built with ``pre_seq_len``
-  (built into ChatGLM; attached to rotary causal LMs by glmft.families.prefix), else ``None``;
+  (built into ChatGLM; attached to other causal LMs by glmft.families.prefix), else ``None``;
 * ``QUANTIZATION``: whether ``--quantization_bit`` (our INT4/INT8 layers) applies.
 
 Adding a family is its module plus one entry in ``FAMILIES``.

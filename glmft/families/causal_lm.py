@@ -7,7 +7,7 @@ Example layout: with a chat template in the tokenizer, the source as one user me
 Layer paths and method defaults come from the model itself: the layer list is the ModuleList of
 ``num_hidden_layers`` blocks; LoRA and (IA)^3 targets are PEFT's defaults for the model type; the adapter sites
 are the output projections of each block's attention and MLP (the last linear layer of each that writes the hidden
-size). P-Tuning v2 is ChatGLM2's prefix attached to the loaded model (glmft.families.prefix; rotary models only).
+size). P-Tuning v2 is ChatGLM2's prefix attached to the loaded model (glmft.families.prefix).
 Our INT4/INT8 layers are ChatGLM's; asked for here, they are refused with the reason.
 """
 
@@ -80,9 +80,9 @@ def build_model(path: Path, dtype: torch.dtype, overrides: dict, meta: bool) -> 
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype)
     if prefix.get("pre_seq_len"):
         if not supports_prefix(model):
-            raise ValueError(f"pt (P-Tuning v2) needs rotary positions and a transformers key/value cache; "
-                             f"{config.model_type} has neither (ALiBi or its own cache layout): use lora, ia3, "
-                             "adapter, bitfit, freeze or embedding")
+            raise ValueError(f"pt (P-Tuning v2) hands its prefix over through the model's transformers cache; "
+                             f"{config.model_type}'s forward takes none: use lora, ia3, adapter, bitfit, freeze or "
+                             "embedding")
         attach(model, prefix["pre_seq_len"], bool(prefix.get("prefix_projection")))
     return model
 

@@ -1,31 +1,40 @@
-"""P-Tuning v2 for transformers' own causal LMs: the per-layer key/value prefix of ChatGLM2's implementation
-(``chatglm/chatglm2``: its ``PrefixEncoder`` and read-only ``PrefixCache``), attached to a loaded model.
+"""P-Tuning v2 (prefix tuning) for transformers' own causal LMs: PEFT's prefix encoder computes the per-layer
+keys/values (``peft.tuners.prefix_tuning.PrefixEncoder``: the same parameters as PEFT's prefix tuning, so the
+counts are PEFT's), and ChatGLM2's mechanism hands them to the model (``chatglm/chatglm2``'s read-only
+``PrefixCache``), attached to a loaded model.
 
-Why not PEFT's prefix tuning: measured with peft 0.21.2 on transformers 5.24, ``generate`` ignores it (PEFT passes
-the cache under the argument name transformers 5 renamed), and left-padded batches fail. Here the prefix rides on
-the model's own cache argument, as it does for ChatGLM2, so training, ``generate`` with the cache, left padding and
-gradient checkpointing see one code path. Before each forward (a pre-hook, so ``generate`` goes through it too): an
-empty cache gets the ``pre_seq_len`` prefix keys/values of every layer first; the 2-D attention mask gets
-``pre_seq_len`` ones in front; positions count from the first real token (the prefix has no position: no rotary).
-Only rotary-position models with a standard key/value cache qualify (llama, qwen2, mistral, glm, ...): ALiBi models
-(bloom) bias attention by key position, so the prefix would shift every real token's bias; they are refused.
+Why not PEFT's prefix tuning as a whole: measured with peft 0.21.2 on transformers 5.24, ``generate`` ignores it
+(PEFT passes the cache under the argument name transformers 5 renamed), and left-padded batches fail. Here the prefix
+rides on the model's own cache argument, as it does for ChatGLM2, so training, ``generate`` with the cache, left
+padding and gradient checkpointing see one code path. Before each forward (a pre-hook, so ``generate`` goes through
+it too): an empty cache gets the ``pre_seq_len`` prefix keys/values of every layer first; the 2-D attention mask gets
+``pre_seq_len`` ones in front; rotary models get positions counted from the first real token (the prefix has no
+position). ALiBi models (bloom) count key positions from the mask, prefix included: every real key moves by the same
+``pre_seq_len``, a constant per query that softmax ignores, so the real tokens' attention is as without a prefix.
+A model whose forward takes no transformers ``cache`` is refused.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import inspect
 
 import torch
+from peft import PrefixTuningConfig, TaskType
+from peft.tuners.prefix_tuning import PrefixEncoder
 from torch import nn
 from transformers.cache_utils import DynamicCache
 
-from chatglm.chatglm2 import PrefixCache, PrefixEncoder
+from chatglm.chatglm2 import PrefixCache
+from glmft.families.base import layer_list_path
 
 
 def supports_prefix(model: nn.Module) -> bool:
-    """A decoder that takes rotary positions and a transformers cache (``model.model.rotary_emb``)."""
-    inner = getattr(model, "model", None)
-    return inner is not None and hasattr(inner, "rotary_emb") and hasattr(inner, "layers")
+    """A decoder whose forward takes a transformers cache (``cache``)."""
+    return "cache" in inspect.signature(model.forward).parameters
+
+
+def takes_positions(model: nn.Module) -> bool:
+    return "position_ids" in inspect.signature(model.forward).parameters
 
 
 def kv_shape(config) -> tuple[int, int, int]:
@@ -39,13 +48,17 @@ def attach(model: nn.Module, pre_seq_len: int, projection: bool) -> nn.Module:
     """Give ``model`` a trainable prefix encoder (``model.prefix_encoder``, PyTorch's default init) and the hooks
     that hand its keys/values to every forward; ``config.pre_seq_len``/``prefix_projection`` record it."""
     layers, heads, head = kv_shape(model.config)
-    shim = SimpleNamespace(num_layers=layers, kv_channels=head, multi_query_group_num=heads, pre_seq_len=pre_seq_len,
-                           prefix_projection=projection, hidden_size=model.config.hidden_size)
+    # token_dim: the width of one layer's keys (of its values), key/value heads x head size (the hidden size
+    # without grouped-query attention); the projection MLP's inner width is the hidden size, PEFT's default.
+    config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=pre_seq_len, token_dim=heads * head,
+                                num_layers=layers, num_attention_heads=model.config.num_attention_heads,
+                                encoder_hidden_size=model.config.hidden_size, prefix_projection=projection)
     like = model.get_input_embeddings().weight
     with torch.device(like.device):
-        model.prefix_encoder = PrefixEncoder(shim).to(like.dtype)
+        model.prefix_encoder = PrefixEncoder(config).to(like.dtype)
     model.config.pre_seq_len, model.config.prefix_projection = pre_seq_len, projection
-    for layer in model.model.layers:  # the PrefixCache is read-only: safe under gradient checkpointing
+    for layer in model.get_submodule(layer_list_path(model, layers)):  # the read-only PrefixCache is safe to keep
+        # under gradient checkpointing
         layer._can_checkpoint_with_cache = True
     model.register_forward_pre_hook(_with_prefix, with_kwargs=True)
     model.register_forward_hook(_drop_prefix_cache)
@@ -76,7 +89,7 @@ def _with_prefix(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, di
         for layer in range(model.config.num_hidden_layers):
             DynamicCache.update(cache, kv[2 * layer], kv[2 * layer + 1], layer)
     past = cache.get_seq_length() - pre  # real tokens already cached
-    if kwargs.get("position_ids") is None:
+    if kwargs.get("position_ids") is None and takes_positions(model):
         kwargs["position_ids"] = torch.arange(past, past + length, device=cache.layers[0].keys.device).unsqueeze(0)
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.dim() == 2:
