@@ -57,9 +57,8 @@ def attach(model: nn.Module, pre_seq_len: int, projection: bool) -> nn.Module:
     with torch.device(like.device):
         model.prefix_encoder = PrefixEncoder(config).to(like.dtype)
     model.config.pre_seq_len, model.config.prefix_projection = pre_seq_len, projection
-    for layer in model.get_submodule(layer_list_path(model, layers)):  # the read-only PrefixCache is safe to keep
-        # under gradient checkpointing
-        layer._can_checkpoint_with_cache = True
+    for layer in model.get_submodule(layer_list_path(model, layers)):
+        layer._can_checkpoint_with_cache = True  # the read-only PrefixCache is safe under gradient checkpointing
     model.register_forward_pre_hook(_with_prefix, with_kwargs=True)
     model.register_forward_hook(_drop_prefix_cache)
     return model
