@@ -341,3 +341,61 @@ def test_prefix_tuning_on_bloom_1b4_zh_counts_as_the_seeds_peft_table(projection
     args = tuner.Args(pre_seq_len=10, prefix_projection=projection)
     model = tuner.apply(build_model(config, torch.float16, tuner.model_overrides(args), meta=True), args)
     assert summary_line(model) == line
+
+
+@pytest.mark.parametrize("options,line", [
+    ({"lora_target": "query_key_value"},
+     "trainable params: 1,572,864 || all params: 1,304,684,544 || trainable%: 0.1206"),
+    ({"lora_target": "query_key_value,dense_4h_to_h"},
+     "trainable params: 3,538,944 || all params: 1,306,650,624 || trainable%: 0.2708"),
+    ({"lora_target": r".*\.1.*query_key_value", "modules_to_save": "word_embeddings"},
+     "trainable params: 95,225,856 || all params: 1,398,337,536 || trainable%: 6.8099"),
+])
+def test_lora_target_lists_regexes_and_saved_modules_count_as_the_seeds_peft_table(options, line):
+    from glmft.model import summary_line
+
+    config = shared_path("fixtures", "configs", "bloom-1b4-zh", "config.json")
+    tuner = TUNERS["lora"]
+    args = tuner.Args(lora_alpha=8, lora_dropout=0.0, **options)
+    assert summary_line(tuner.apply(build_model(config, torch.float16, meta=True), args)) == line
+
+
+def test_dora_rslora_layers_and_saved_modules_round_trip(family_dirs, tmp_path):
+    tuner = TUNERS["lora"]
+    args = tuner.Args(lora_r=4, use_dora=True, use_rslora=True, lora_layers="1", modules_to_save="lm_head")
+
+    def fresh():
+        torch.manual_seed(0)
+        return tuner.apply(build_model(family_dirs["llama"]), args).eval()
+
+    model = fresh()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".layers.1." in n or "lm_head" in n for n in trained)
+    assert any("lora_magnitude_vector" in n for n in trained) and any("modules_to_save" in n for n in trained)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    train = TrainArgs(model_dir=str(family_dirs["llama"]), max_len=64, max_src_len=32)
+    ckpt = checkpoint.save(model, tmp_path / "ckpt", meta_record(train, args, tuner, {}, 1, 0), tuner)
+    loaded = fresh()
+    checkpoint.load_weights(loaded, ckpt, tuner)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)
+        assert not torch.equal(fresh()(input_ids=ids).logits, loaded(input_ids=ids).logits)
+    other = tuner.Args(lora_r=4, use_dora=False, use_rslora=True, lora_layers="1", modules_to_save="lm_head")
+    with pytest.raises(ValueError, match="adapter has .*use_dora"):
+        checkpoint.load_weights(tuner.apply(build_model(family_dirs["llama"]), other), ckpt, tuner)
+
+
+def test_lora_options_refuse_nonsense():
+    from glmft.tuners import lora
+
+    with pytest.raises(ValueError, match="not a regular expression"):
+        lora.Args(lora_target="(query")
+    with pytest.raises(ValueError, match="--lora_layers must be comma-separated integers"):
+        lora.Args(lora_layers="1,x")
+    assert lora.Args(lora_target=r".*\.1.*query_key_value").targets() == r".*\.1.*query_key_value"
+    assert lora.Args(lora_target="a, b").targets() == ["a", "b"]
