@@ -22,13 +22,13 @@ if TYPE_CHECKING:  # glmft.compare imports this module
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "freeze": ("freeze", ()), "embedding": ("embedding", ()), "pt": ("pt", ("--prefix_projection",)),
     "pt_noproj": ("pt", ("--no-prefix_projection",)), "lora": ("lora", ()),
-    "bitfit": ("bitfit", ()), "ia3": ("ia3", ()), "adapter": ("adapter", ()),
+    "bitfit": ("bitfit", ()), "ia3": ("ia3", ()), "adapter": ("adapter", ()), "full": ("full", ()),
 }
 SEED_VARIANTS = ("freeze", "embedding", "pt", "pt_noproj", "lora")  # the default: the seeds' table and ours
 # ``--methods all``: every variant, in the groups of the PEFT survey the seeds follow (the report keeps this order).
 KINDS: dict[str, tuple[str, ...]] = {
     "selective": ("freeze", "bitfit", "embedding"), "soft prompts": ("pt", "pt_noproj"),
-    "additive modules": ("adapter", "ia3"), "reparameterised": ("lora",),
+    "additive modules": ("adapter", "ia3"), "reparameterised": ("lora",), "full": ("full",),
 }
 assert sorted(v for group in KINDS.values() for v in group) == sorted(VARIANTS), "every variant has one kind"
 SHARED = ("num_train_epochs", "max_steps", "train_batch_size", "gradient_accumulation_steps", "max_len",

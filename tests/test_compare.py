@@ -436,7 +436,7 @@ def test_methods_all_runs_every_variant_grouped_by_kind(capsys):
     if not CONFIG.is_file():
         pytest.skip(f"{CONFIG} is absent (../shared is not beside this checkout)")
     args = compare.CompareArgs(model_dir=str(CONFIG), methods="all", dry_run=True)
-    assert args.variants() == ["freeze", "bitfit", "embedding", "pt", "pt_noproj", "adapter", "ia3", "lora"]
+    assert args.variants() == ["freeze", "bitfit", "embedding", "pt", "pt_noproj", "adapter", "ia3", "lora", "full"]
     assert compare.CompareArgs().variants() == ["freeze", "embedding", "pt", "pt_noproj", "lora"]  # the seeds'
     compare.run(args)
     rows = parse_estimate(capsys.readouterr().out)

@@ -106,3 +106,15 @@ def test_chatglm_6b_counts_with_default_settings(method, trainable, total):
     tuner = TUNERS[method]
     model = tuner.apply(build_model(config, torch.float16, meta=True), tuner.Args())
     assert count_parameters(model) == (trainable, total)
+
+
+def test_full_trains_every_parameter_warns_of_the_adam_state_and_refuses_an_int_base(caplog):
+    tuner = TUNERS["full"]
+    model = tiny_model()
+    with caplog.at_level("WARNING", logger="glmft"):
+        tuner.apply(model, tuner.Args())
+    trainable, total = count_parameters(model)
+    assert trainable == total and all(p.requires_grad for p in model.parameters())
+    assert f"full: {total:,} trainable parameters; Adam's fp32 state alone is" in caplog.text
+    with pytest.raises(ValueError, match="full: an INT4/INT8 base has integer weights"):
+        tuner.apply(quantize_model(tiny_model(), 8), tuner.Args())

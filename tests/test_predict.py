@@ -23,7 +23,7 @@ from glmft.train import meta_record
 from glmft.tuners import TUNERS
 
 METHOD_ARGS = {"freeze": {"num_trainable_layers": 1}, "embedding": {}, "pt": {"pre_seq_len": 3},
-               "lora": {"lora_r": 4}, "bitfit": {}, "ia3": {}, "adapter": {"adapter_size": 8}}
+               "lora": {"lora_r": 4}, "bitfit": {}, "ia3": {}, "adapter": {"adapter_size": 8}, "full": {}}
 TEST = ROOT / "data" / "sample_test.jsonl"
 
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import types
 
-from glmft.tuners import adapter, bitfit, embedding, freeze, ia3, lora, pt
+from glmft.tuners import adapter, bitfit, embedding, freeze, full, ia3, lora, pt
 
-TUNERS: dict[str, types.ModuleType] = {m.NAME: m for m in (freeze, embedding, pt, lora, bitfit, ia3, adapter)}
+TUNERS: dict[str, types.ModuleType] = {m.NAME: m for m in (freeze, embedding, pt, lora, bitfit, ia3, adapter, full)}
 
 
 def get(name: str) -> types.ModuleType:
