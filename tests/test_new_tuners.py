@@ -3,6 +3,8 @@ with the cache equals it without (and batched equals one at a time), quantized b
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from conftest import prompt, shared_path, tiny_model
@@ -111,8 +113,12 @@ def test_chatglm_6b_counts_with_default_settings(method, trainable, total):
 def test_full_trains_every_parameter_warns_of_the_adam_state_and_refuses_an_int_base(caplog):
     tuner = TUNERS["full"]
     model = tiny_model()
-    with caplog.at_level("WARNING", logger="glmft"):
+    logger = logging.getLogger("glmft")  # a training run earlier in the session may have stopped its propagation
+    logger.addHandler(caplog.handler)
+    try:
         tuner.apply(model, tuner.Args())
+    finally:
+        logger.removeHandler(caplog.handler)
     trainable, total = count_parameters(model)
     assert trainable == total and all(p.requires_grad for p in model.parameters())
     assert f"full: {total:,} trainable parameters; Adam's fp32 state alone is" in caplog.text
