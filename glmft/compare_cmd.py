@@ -18,19 +18,28 @@ from glmft.tuners import TUNERS
 if TYPE_CHECKING:  # glmft.compare imports this module
     from glmft.compare import CompareArgs
 
-# variant -> (method, its fixed flags). pt_noproj is the seeds' "PT-Only-Embedding".
+# variant -> (method, its fixed flags). pt_noproj is the seeds' "PT-Only-Embedding"; dora is LoRA with DoRA.
 VARIANTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "freeze": ("freeze", ()), "embedding": ("embedding", ()), "pt": ("pt", ("--prefix_projection",)),
     "pt_noproj": ("pt", ("--no-prefix_projection",)), "lora": ("lora", ()),
     "bitfit": ("bitfit", ()), "ia3": ("ia3", ()), "adapter": ("adapter", ()), "full": ("full", ()),
+    "prompt_tuning": ("prompt_tuning", ()), "p_tuning": ("p_tuning", ()), "dora": ("lora", ("--use_dora",)),
+    "adalora": ("adalora", ()),
 }
 SEED_VARIANTS = ("freeze", "embedding", "pt", "pt_noproj", "lora")  # the default: the seeds' table and ours
 # ``--methods all``: every variant, in the groups of the PEFT survey the seeds follow (the report keeps this order).
 KINDS: dict[str, tuple[str, ...]] = {
-    "selective": ("freeze", "bitfit", "embedding"), "soft prompts": ("pt", "pt_noproj"),
-    "additive modules": ("adapter", "ia3"), "reparameterised": ("lora",), "full": ("full",),
+    "selective": ("freeze", "bitfit", "embedding"), "soft prompts": ("prompt_tuning", "p_tuning", "pt", "pt_noproj"),
+    "additive modules": ("adapter", "ia3"), "reparameterised": ("lora", "dora", "adalora"), "full": ("full",),
 }
 assert sorted(v for group in KINDS.values() for v in group) == sorted(VARIANTS), "every variant has one kind"
+
+
+def kind_of(variant: str) -> str:
+    """The variant's group in the report ("" for the base row and for variants this version does not know)."""
+    return next((kind for kind, group in KINDS.items() if variant in group), "")
+
+
 SHARED = ("num_train_epochs", "max_steps", "train_batch_size", "gradient_accumulation_steps", "max_len",
           "max_src_len", "gradient_checkpointing", "quantization_bit", "log_steps")
 TASK_OPTIONS = ("task", "input_key", "target_key", "labels", "prompt_text")  # passed on when set (prompt: not None)

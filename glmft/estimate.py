@@ -170,7 +170,7 @@ def layers_with_activations(model: nn.Module) -> int:
             found = layer.search(name)
             if found:
                 lowest = min(lowest, int(found.group(1)))
-            elif id(p) in below or "prefix_encoder" in name:  # the prefix feeds every layer
+            elif id(p) in below or "prefix_encoder" in name or "prompt_encoder" in name:  # feeds every layer
                 lowest = 0
             # anything else outside the layers (final norm, an untied output layer) sits above them all
     return num_layers - lowest
@@ -204,7 +204,8 @@ def layer_activation_bytes(config, batch: int, seq: int, gated: bool = False) ->
 
 def estimate(model: nn.Module, setting: Setting) -> Estimate:
     """Memory per GPU for training ``model`` (tuner applied, built on the meta device) in ``setting``."""
-    config, b, s = model.config, setting.batch, setting.max_len
+    config, b = model.config, setting.batch
+    s = setting.max_len + (getattr(config, "num_virtual_tokens", None) or 0)  # input-level virtual tokens lengthen it
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     kept = layers_with_activations(model)
@@ -219,7 +220,7 @@ def estimate(model: nn.Module, setting: Setting) -> Estimate:
         trainable=trainable, total=total, weights=weights, states=states, host=host, layers_kept=kept,
         activations=kept * per_layer,
         activations_ckpt=kept * 2 * s * b * config.hidden_size + (per_layer if kept else 0),
-        loss_head=b * (s - setting.max_src_len if answer_only else s) * config.vocab_size * (2 + 4 + 4),
+        loss_head=b * (setting.max_len - setting.max_src_len if answer_only else s) * config.vocab_size * (2 + 4 + 4),
     )
 
 
@@ -251,7 +252,7 @@ def report(model_dir: str, methods: list[tuple[str, Any, Any]], quantization_bit
         raise ValueError(f"{model_dir} stores INT{stored} weights: it cannot be estimated with --quantization_bit "
                          f"{quantization_bit} (leave it at 0)")
     for name, tuner, method_args in methods:
-        overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+        overrides = tuner.model_overrides(method_args)
         if quantization_bit:  # only when asked: 0 would turn an INT4 checkpoint's config into a float model
             overrides = {**overrides, "quantization_bit": quantization_bit}
         try:

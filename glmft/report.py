@@ -15,6 +15,7 @@ from pathlib import Path
 import matplotlib
 
 from glmft import tasks
+from glmft.compare_cmd import KINDS, kind_of
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -74,6 +75,7 @@ def flatten(result: dict, task: types.ModuleType | None = None) -> dict:
     task = task or tasks.get(tasks.DEFAULT)
     train, scores = result.get("train", {}), result.get("metrics", {})
     flat = {k: result.get(k) for k in ("variant", "method", "seed", "status", "stage", "error", "learning_rate")}
+    flat["kind"] = kind_of(result.get("variant", ""))
     flat.update({k: train.get(k) for k in ("trainable_params", "all_params", "peak_mem_gb", "samples_per_s",
                                            "tokens_per_s", "final_loss", "best_loss", "steps", "world_size")})
     flat["trainable_pct"] = 100 * train["trainable_params"] / train["all_params"] if train else None
@@ -141,15 +143,24 @@ def cell(values: dict[str, list], key: str, kind: str) -> str:
     return f"{number if number and std.endswith(' ' + unit) else mean} ± {std}"  # "0.53 ± 0.01 GiB"
 
 
+def grouped(table: dict[str, dict]) -> dict[str, dict]:
+    """The rows in the report's order: the base row, then the methods by kind (selective, soft prompts, additive
+    modules, reparameterised, full), the order of the runs within a kind."""
+    order = list(KINDS)
+    rank = {v: (0, 0) if v == "base" else (1, order.index(kind_of(v)) if kind_of(v) else len(order)) for v in table}
+    return dict(sorted(table.items(), key=lambda item: rank[item[0]]))
+
+
 def markdown(table: dict[str, dict], settings: dict, task: types.ModuleType | None = None) -> str:
     task = task or tasks.get(settings.get("task", tasks.DEFAULT))
     cols = columns(task)
-    head = ["method", *(c[0] for c in cols), "seeds", "status"]
+    head = ["method", "kind", *(c[0] for c in cols), "seeds", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for variant, entry in table.items():
+    for variant, entry in grouped(table).items():
         status = "; ".join(entry["errors"]).replace("|", "\\|")[:300] or "ok"
         values = [cell(entry["values"], key, kind) for _, key, kind in cols]
-        lines.append("| " + " | ".join([variant, *values, f"{entry['ok']}/{entry['runs']}", status]) + " |")
+        group = kind_of(variant) or ("—" if variant == "base" else "?")
+        lines.append("| " + " | ".join([variant, group, *values, f"{entry['ok']}/{entry['runs']}", status]) + " |")
     shared = ", ".join(f"{k} {settings[k]}" for k in ("num_train_epochs", "max_steps", "train_batch_size",
                        "gradient_accumulation_steps", "max_len", "max_src_len", "gradient_checkpointing",
                        "quantization_bit", "log_steps", "zero_stage", "num_gpus", "launcher") if k in settings)

@@ -76,8 +76,8 @@ def save(engine, output_dir: str | Path, step: int, position: dict, tuner, meta:
         engine.save_checkpoint(str(staging / ENGINE_DIR), tag="state", client_state=position,
                                exclude_frozen_parameters=True)
     rng_file = staging / ENGINE_DIR / f"rng_rank{rank}.pt"
-    with checkpoint.writing(rng_file):
-        torch.save(rng_state(), rng_file)
+    with checkpoint.writing(rng_file):  # this rank's RNGs and the method's own running state (tuner.state)
+        torch.save({**rng_state(), "tuner": tuner.state(engine.module)}, rng_file)
     state = checkpoint.trainable_state(engine.module, keep=rank == 0)  # a collective under ZeRO-3
     dist.barrier()
     final = staging.with_name(f"checkpoint-{step}")
@@ -92,15 +92,18 @@ def save(engine, output_dir: str | Path, step: int, position: dict, tuner, meta:
     return final
 
 
-def restore(engine, ckpt: Path) -> dict:
-    """Load checkpoint ``ckpt`` into ``engine`` and this rank's RNGs; returns the data position saved with it."""
+def restore(engine, ckpt: Path, tuner) -> dict:
+    """Load checkpoint ``ckpt`` into ``engine``, this rank's RNGs and the method's running state (``tuner.load_state``);
+    returns the data position saved with it."""
     rng_file = ckpt / ENGINE_DIR / f"rng_rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
         raise FileNotFoundError(f"{rng_file} is missing: {ckpt} was written by fewer ranks than this run has")
     _, position = engine.load_checkpoint(str(ckpt / ENGINE_DIR), tag="state", load_module_strict=False)
     if position is None:
         raise FileNotFoundError(f"{ckpt / ENGINE_DIR}: DeepSpeed found no engine state to resume from")
-    restore_rng(torch.load(rng_file, weights_only=False), rng_file)
+    saved = torch.load(rng_file, weights_only=False)
+    restore_rng(saved, rng_file)
+    tuner.load_state(engine.module, saved.get("tuner", {}))
     log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, position["step"], position["epoch"],
              position["batch"])
     return position

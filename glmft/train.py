@@ -11,6 +11,7 @@ import random
 import socket
 import time
 import types
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -124,7 +125,7 @@ def train_dtype(config: dict) -> torch.dtype:
 
 
 def prepare_model(train: TrainArgs, method_args, tuner: types.ModuleType, dtype: torch.dtype, meta: bool = False):
-    overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(method_args)
     if train.quantization_bit:
         overrides["quantization_bit"] = train.quantization_bit
     model = tuner.apply(build_model(train.model_dir, dtype, overrides, meta=meta), method_args)
@@ -154,7 +155,10 @@ def engine_dtype(engine) -> str:
 
 
 def dry_run(train: TrainArgs, method_args, tuner: types.ModuleType) -> None:
+    """Build on the meta device and print the parameter table. The step count needs the data, so a method's
+    ``for_run`` gets ``--max_steps`` (0 when not given: a method then keeps its own placeholder)."""
     setup_logging(0)
+    method_args = tuner.for_run(method_args, train.max_steps)
     model, _ = prepare_model(train, method_args, tuner, torch.float16, meta=True)
     print(f"{tuner.describe(method_args)} on {train.model_dir} (meta device, no weights loaded)")
     print(parameter_report(model))
@@ -174,9 +178,10 @@ def save_checkpoint(engine, train, method_args, tuner, overrides, step: int, pos
                   (keep,) if keep else ())
 
 
-def resume_state(engine, found: Path) -> dict:
-    """Continue from checkpoint ``found`` (checked by rundir.check_resume): engine state, data position, RNGs."""
-    return snapshot.restore(engine, found)
+def resume_state(engine, found: Path, tuner: types.ModuleType) -> dict:
+    """Continue from checkpoint ``found`` (checked by rundir.check_resume): engine state, data position, RNGs and the
+    method's running state."""
+    return snapshot.restore(engine, found, tuner)
 
 
 def read_data(path: str, tokenizer, train: TrainArgs) -> SupervisedDataset:
@@ -220,6 +225,7 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
         raise ValueError(f"{train.train_path}: {len(dataset)} records give no full optimizer step with batch "
                          f"{train.train_batch_size} x accumulation {train.gradient_accumulation_steps} x {world} ranks")
     total = train.max_steps or steps_per_epoch * train.num_train_epochs
+    method_args = tuner.for_run(method_args, total)  # e.g. AdaLoRA's schedule spans the run; meta.json records it
     config = engine_config(train, total)
     resumed = None
     if train.resume:  # before the model is built: a mismatch fails in seconds, naming the differing options
@@ -237,7 +243,7 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
              train.train_batch_size * train.gradient_accumulation_steps * world, total, decay,
              dataset.summary())
     log.info("%s", parameter_report(model))
-    position = resume_state(engine, resumed) if resumed else {"step": 0, "epoch": 0, "batch": 0}
+    position = resume_state(engine, resumed, tuner) if resumed else {"step": 0, "epoch": 0, "batch": 0}
     trainable, all_params = count_parameters(model)
     info = {"method": tuner.NAME, "description": tuner.describe(method_args), "trainable_params": trainable,
             "all_params": all_params, "dtype": str(train_dtype(config)), "world_size": world}
@@ -245,7 +251,7 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
         engine, train, (dataset, eval_set), tokenizer, task, (position.get("summary") or {}).get("eval_history", ()))
     loop(engine, loader, sampler, dataset, train, total, position,
          save=partial(save_checkpoint, engine, train, method_args, tuner, overrides, keep=resumed), info=info,
-         evaluator=evaluator, loss_kwargs=families.of_model(model).LOSS_KWARGS)
+         evaluator=evaluator, loss_kwargs=families.of_model(model).LOSS_KWARGS, on_step=tuner.on_step)
     final = checkpoint.latest(train.output_dir)
     if rank == 0 and final is not None:
         log.info("done: %s, %s", final, rundir.size_text(final))
@@ -253,10 +259,13 @@ def train_run(train: TrainArgs, method_args, tuner: types.ModuleType, rank: int,
 
 
 def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, position: dict, save, info: dict,
-         evaluator: evaluate.Evaluator | None = None, loss_kwargs: dict | None = None) -> None:
+         evaluator: evaluate.Evaluator | None = None, loss_kwargs: dict | None = None,
+         on_step: Callable[[torch.nn.Module, int], None] | None = None) -> None:
     """Micro-batches through DeepSpeed (it accumulates, clips, scales and steps); log, evaluate (every rank) and save
     on optimizer steps. With --save_best, an evaluation that improves on the best is saved too. ``loss_kwargs``: the
-    model family's extra forward arguments with labels (glmft.families, ``LOSS_KWARGS``).
+    model family's extra forward arguments with labels (glmft.families, ``LOSS_KWARGS``); ``on_step``: the tuner's
+    hook, called with the module and the step about to be taken once its gradients exist, before ``engine.step()``
+    zeroes them (every rank calls it).
 
     Losses and token counts stay on ``engine.device`` (every tensor handed to a collective lives there, as NCCL
     requires). The host reads them once per optimizer step (the divergence check) and at log and save steps, so the
@@ -281,6 +290,8 @@ def loop(engine, loader, sampler, dataset, train: TrainArgs, total: int, positio
             engine.backward(loss)
             if engine.is_gradient_accumulation_boundary():  # checked before step(): a NaN never reaches the weights
                 health.check_losses(step + 1, f"epoch {epoch}, batch {batch_index}")
+                if on_step is not None:
+                    on_step(engine.module, step + 1)
             before = engine.global_steps
             engine.step()
             if engine.global_steps == before:

@@ -150,7 +150,7 @@ def test_last_error_finds_the_reason_under_launcher_noise():
 def tiny_prepared(method: str, **args):
     tuner = TUNERS[method]
     method_args = tuner.Args(**args)
-    overrides = tuner.model_overrides(method_args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(method_args)
     return tuner.apply(tiny_model(**overrides).train(), method_args)
 
 
@@ -298,6 +298,17 @@ def test_zero_partitions_measured_on_two_cpu_ranks_match_the_estimate(tmp_path):
     assert stage3["measured"]["weights"] < stage3["total"] * 0.75  # really partitioned
 
 
+def test_the_report_groups_methods_by_kind_after_the_base_row():
+    settings = {**dataclasses.asdict(compare.CompareArgs()), "device": "cpu", "zero_stage": 1}
+    flats = [{"variant": v, "method": v, "seed": 1, "status": "ok", "micro_f1": 0.1}
+             for v in ("full", "lora", "p_tuning", "base", "ia3", "bitfit", "pt")]
+    rows = table_rows(report.markdown(report.aggregate(flats), settings))
+    assert list(rows) == ["base", "bitfit", "p_tuning", "pt", "ia3", "lora", "full"]
+    assert [r["kind"] for r in rows.values()] == ["—", "selective", "soft prompts", "soft prompts", "additive modules",
+                                                  "reparameterised", "full"]
+    assert report.flatten({"variant": "dora", "status": "ok"})["kind"] == "reparameterised"
+
+
 def test_parse_fail_column_is_a_percentage():
     """Defect 15a: metrics.json's parse_failure_rate is a fraction; the column printed 100% as 1.0000%."""
     flat = {"variant": "lora", "method": "lora", "seed": 1, "status": "ok", "parse_failure_rate": 1.0}
@@ -436,9 +447,13 @@ def test_methods_all_runs_every_variant_grouped_by_kind(capsys):
     if not CONFIG.is_file():
         pytest.skip(f"{CONFIG} is absent (../shared is not beside this checkout)")
     args = compare.CompareArgs(model_dir=str(CONFIG), methods="all", dry_run=True)
-    assert args.variants() == ["freeze", "bitfit", "embedding", "pt", "pt_noproj", "adapter", "ia3", "lora", "full"]
+    assert args.variants() == ["freeze", "bitfit", "embedding", "prompt_tuning", "p_tuning", "pt", "pt_noproj",
+                               "adapter", "ia3", "lora", "dora", "adalora", "full"]
     assert compare.CompareArgs().variants() == ["freeze", "embedding", "pt", "pt_noproj", "lora"]  # the seeds'
     compare.run(args)
     rows = parse_estimate(capsys.readouterr().out)
     assert list(rows) == args.variants()
     assert rows["bitfit"]["trainable"] == "1,265,664" and rows["ia3"]["trainable"] == "802,816"
+    # input-level virtual tokens feed every layer: backward keeps all 28 layers' activations, as for the prefix
+    assert rows["prompt_tuning"]["layers kept"] == rows["p_tuning"]["layers kept"] == rows["pt"]["layers kept"] == "28"
+    assert rows["prompt_tuning"]["trainable"] == "65,536" and rows["adalora"]["trainable"] == "5,505,360"

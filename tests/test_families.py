@@ -140,17 +140,24 @@ def test_a_causal_lms_prefix_is_used_with_and_without_the_cache_and_in_batches(f
     model = decisive(tuner.apply(build_model(family_dirs[kind], overrides=tuner.model_overrides(args)), args))
     tokenizer = load_tokenizer(family_dirs[kind])
     prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
-    settings = dict(max_new_tokens=6, do_sample=False, num_beams=1)
-    batched, _ = decode.generate(model, tokenizer, prompts, batch_size=4, **settings)
-    single = [decode.generate(model, tokenizer, [p], batch_size=1, **settings)[0][0] for p in prompts]
-    uncached = [decode.generate(model, tokenizer, [p], batch_size=1, use_cache=False, **settings)[0][0]
-                for p in prompts]
-    assert batched == single == uncached and len({tuple(r) for r in batched}) > 1
+    generation_agrees(model, tokenizer, prompts)
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
         model.prefix_encoder.embedding.weight.add_(1.0)
         assert not torch.allclose(model(input_ids=ids).logits, before)
+
+
+def generation_agrees(model, tokenizer, prompts: list[list[int]], new_tokens: int = 6) -> None:
+    """Greedy generation of a left-padded batch == one prompt at a time (cached) == one prompt at a time recomputing
+    everything each step (no cache); and the prompts lead to different continuations."""
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, num_beams=1)
+    batched, _ = decode.generate(model, tokenizer, prompts, batch_size=4, **settings)
+    single = [decode.generate(model, tokenizer, [p], batch_size=1, **settings)[0][0] for p in prompts]
+    uncached = [decode.generate(model, tokenizer, [p], batch_size=1, use_cache=False, **settings)[0][0]
+                for p in prompts]
+    assert batched == single == uncached
+    assert len({tuple(r) for r in batched}) > 1
 
 
 def decisive(model):
@@ -178,11 +185,12 @@ def test_batched_generation_equals_one_prompt_at_a_time(family_dirs, kind):
 
 
 @pytest.mark.parametrize("kind,method", [("chatglm2", "pt"), ("chatglm3", "lora"), ("bloom", "lora"),
-                                         ("llama", "adapter"), ("qwen2", "ia3"), ("bloom", "freeze"), ("llama", "pt")])
+                                         ("llama", "adapter"), ("qwen2", "ia3"), ("bloom", "freeze"), ("llama", "pt"),
+                                         ("chatglm2", "prompt_tuning"), ("bloom", "p_tuning")])
 def test_save_then_load_gives_identical_logits(family_dirs, tmp_path, kind, method):
     tuner = TUNERS[method]
     args = tuner.Args(**{"pt": {"pre_seq_len": 4}, "freeze": {"num_trainable_layers": 1}}.get(method, {}))
-    overrides = tuner.model_overrides(args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(args)
 
     def fresh():
         torch.manual_seed(0)
@@ -399,3 +407,30 @@ def test_lora_options_refuse_nonsense():
         lora.Args(lora_layers="1,x")
     assert lora.Args(lora_target=r".*\.1.*query_key_value").targets() == r".*\.1.*query_key_value"
     assert lora.Args(lora_target="a, b").targets() == ["a", "b"]
+
+
+SMALL_ARGS = {"freeze": {"num_trainable_layers": 1}, "pt": {"pre_seq_len": 3}, "lora": {"lora_r": 4},
+              "adapter": {"adapter_size": 8}, "prompt_tuning": {"num_virtual_tokens": 3},
+              "p_tuning": {"num_virtual_tokens": 3}, "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
+
+
+@pytest.mark.parametrize("kind", ["chatglm2", "bloom"])
+def test_every_method_generates_the_same_cached_uncached_and_batched(family_dirs, kind):
+    """Every tuner of the table on a non-v1 family, its tensors moved as training would: greedy generation with the
+    cache equals generation that recomputes everything each step, and a left-padded batch equals one at a time."""
+    tokenizer = load_tokenizer(family_dirs[kind])
+    prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
+    for name, tuner in TUNERS.items():
+        args = tuner.Args(**SMALL_ARGS.get(name, {}))
+        try:
+            model = tuner.apply(build_model(family_dirs[kind], overrides=tuner.model_overrides(args)), args)
+        except ValueError as err:  # bitfit on a model without biases
+            assert name == "bitfit" and "no bias" in str(err), (name, err)
+            continue
+        model = decisive(model)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.2)
+        generation_agrees(model, tokenizer, prompts, new_tokens=5)

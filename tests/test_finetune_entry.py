@@ -25,7 +25,8 @@ def test_a_missing_or_unknown_method_exits_with_usage_naming_the_methods(argv, c
     with pytest.raises(SystemExit) as exit_info:
         args.parse_method(argv, list(TUNERS))
     assert exit_info.value.code == 2
-    assert "{freeze,embedding,pt,lora,bitfit,ia3,adapter,full}" in capsys.readouterr().err.replace("\n", "")
+    assert list(TUNERS)[:4] == ["freeze", "embedding", "pt", "lora"]  # the seeds' four first
+    assert "{" + ",".join(TUNERS) + "}" in capsys.readouterr().err.replace("\n", "")
 
 
 def test_dry_run_prints_the_peft_line_the_seed_table_has_for_bloom():

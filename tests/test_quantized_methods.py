@@ -17,7 +17,8 @@ from glmft.tuners import TUNERS
 
 METHOD_ARGS = {"freeze": {"num_trainable_layers": 1}, "embedding": {},
                "pt": {"pre_seq_len": 3, "prefix_projection": True}, "lora": {"lora_r": 4}, "bitfit": {},
-               "ia3": {}, "adapter": {"adapter_size": 8}}
+               "ia3": {}, "adapter": {"adapter_size": 8}, "prompt_tuning": {"num_virtual_tokens": 3},
+               "p_tuning": {"num_virtual_tokens": 3}}
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +40,14 @@ def batch():
 def prepared(method, int4_dir, seed=0):
     tuner = TUNERS[method]
     args = tuner.Args(**METHOD_ARGS[method])
-    overrides = tuner.model_overrides(args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(args)
     torch.manual_seed(seed)
     return tuner, args, overrides, tuner.apply(build_model(int4_dir, overrides=overrides), args)
 
 
-# ia3: PEFT wraps no custom layer; full: integer weights cannot train (both refused, tested where they are defined)
-@pytest.mark.parametrize("method", [m for m in TUNERS if m not in ("ia3", "full")])
+# ia3, adalora: PEFT wraps no custom layer for them; full: integer weights cannot train (all refused, tested where
+# they are defined)
+@pytest.mark.parametrize("method", [m for m in TUNERS if m not in ("ia3", "adalora", "full")])
 def test_method_trains_saves_reloads_and_predicts_on_int4(method, int4_dir, batch, tmp_path):
     tuner, args, overrides, model = prepared(method, int4_dir)
     assert any(isinstance(m, QuantizedLinear) for m in model.modules())
@@ -99,6 +101,6 @@ def test_int4_config_reproduces_the_seed_reports(method, extra, trainable, total
     config = shared_path("fixtures", "configs", "chatglm-6b-int4", "config.json")
     tuner = TUNERS[method]
     args = tuner.Args(**extra)
-    overrides = tuner.model_overrides(args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(args)
     model = tuner.apply(build_model(config, torch.float16, overrides, meta=True), args)
     assert count_parameters(model) == (trainable, total)

@@ -230,7 +230,7 @@ CASES = {"freeze": dict(num_trainable_layers=1), "embedding": {}, "pt": dict(pre
 def groups_of(method: str) -> list[set[str]]:
     tuner = TUNERS[method]
     args = tuner.Args(**CASES[method])
-    overrides = tuner.model_overrides(args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(args)
     model = tuner.apply(chatglm.ChatGLMForConditionalGeneration.from_pretrained(chatglm.TINY_DIR, **overrides), args)
     names = {id(p): n for n, p in model.named_parameters()}
     groups = optim.param_groups(model, 0.1)

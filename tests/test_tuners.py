@@ -26,17 +26,20 @@ CASES = {
     "bitfit": ({}, lambda v: L * (7 * H + INNER) + H),
     "ia3": ({}, lambda v: L * (3 * H + INNER)),  # query_key_value's output, dense_4h_to_h's input
     "adapter": (dict(adapter_size=A), lambda v: L * 2 * (H * A + A + A * H + H)),  # two bottlenecks per layer
+    "adalora": (dict(init_r=R + 2, target_r=R), lambda v: L * (R + 2) * (H + 3 * H + 1)),  # P, Q and E per layer
+    "prompt_tuning": (dict(num_virtual_tokens=P), lambda v: P * H),
+    "p_tuning": (dict(num_virtual_tokens=P), lambda v: P * H + 3 * (H * H + H)),  # embedding, then an MLP of three
 }
 
 
 def method_of(case: str):
-    return TUNERS[case.split("_")[0]]
+    return TUNERS[case if case in TUNERS else case.split("_")[0]]
 
 
 def prepared(case: str, seed: int = 0):
     tuner = method_of(case)
     args = tuner.Args(**CASES[case][0])
-    overrides = tuner.model_overrides(args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(args)
     torch.manual_seed(seed)
     model = chatglm.ChatGLMForConditionalGeneration.from_pretrained(chatglm.TINY_DIR, **overrides)
     return tuner, args, tuner.apply(model, args)
@@ -56,6 +59,8 @@ def expected_names(case: str, names: list[str]) -> set[str]:
         return {n for n in names if n.startswith("transformer.layers.0.mlp.")}
     if case == "embedding":
         return {"transformer.word_embeddings.weight"}
+    if case in ("prompt_tuning", "p_tuning"):
+        return {n for n in names if n.startswith("prompt_encoder.")}
     if case.startswith("pt"):
         return {n for n in names if n.startswith("transformer.prefix_encoder.")}
     if case == "bitfit":
@@ -66,6 +71,8 @@ def expected_names(case: str, names: list[str]) -> set[str]:
     if case == "adapter":
         return {f"transformer.layers.{i}.{site}.adapter.{part}.{w}" for i in range(L) for w in ("weight", "bias")
                 for site in ("attention.dense", "mlp.dense_4h_to_h") for part in ("down", "up")}
+    if case == "adalora":  # the singular vectors (lora_A, lora_B) and values (lora_E), not PEFT's rank count
+        return {n for n in names if ".lora_" in n}
     return {n for n in names if ".lora_A." in n or ".lora_B." in n}
 
 
@@ -98,7 +105,15 @@ def test_loss_falls_when_overfitting_four_examples(case, batch):
     # keys/values, as the original initialises them) needs larger steps to show an effect within 30 steps.
     # (IA)^3 and the adapters act inside those same weak sublayers (rescaling vectors starting at one, bottlenecks
     # starting at zero), so they too need larger steps here than on a pretrained model.
-    lr = {"pt": 1.0, "pt_projection": 5e-2, "ia3": 3.0, "adapter": 5e-2}.get(case, 1e-2)
+    lr = {"pt": 1.0, "pt_projection": 5e-2, "ia3": 3.0, "adapter": 5e-2, "prompt_tuning": 0.3}.get(case, 1e-2)
+    if case in ("prompt_tuning", "p_tuning"):
+        # Input-level virtual tokens reach the output only through the model: the random tiny model, whose outputs
+        # are nearly uniform whatever the input (loss ~ log(vocab) +- 1e-4), is given weights of gain 1.5 first.
+        torch.manual_seed(3)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim >= 2 and not name.startswith("prompt_encoder."):
+                    p.normal_(0.0, 1.5 / p.shape[-1] ** 0.5)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     losses = []
     for _ in range(30):
@@ -162,7 +177,7 @@ def test_freeze_args_reject_nonsense(bad):
         TUNERS["freeze"].Args(**bad)
 
 
-@pytest.mark.parametrize("case", ["lora", "pt", "freeze", "bitfit", "ia3", "adapter"])
+@pytest.mark.parametrize("case", ["lora", "pt", "freeze", "bitfit", "ia3", "adapter", "prompt_tuning", "p_tuning"])
 @pytest.mark.parametrize("reentrant", [True, False])
 def test_gradient_checkpointing_gives_the_same_gradients_with_a_frozen_base(case, reentrant, batch):
     """The input-requires-grad trap: with re-entrant checkpointing and a frozen embedding, nothing inside a

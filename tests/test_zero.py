@@ -47,7 +47,7 @@ def batch():
 def make_engine(stage: int, method: str):
     tuner, args = TUNED[method]
     torch.manual_seed(0)  # the same new parameters (LoRA A, the prefix) for every stage
-    overrides = tuner.model_overrides(args) if hasattr(tuner, "model_overrides") else {}
+    overrides = tuner.model_overrides(args)
     if "_int" in method:
         overrides["quantization_bit"] = int(method[-1])
     model = tuner.apply(build_model("tiny", torch.float32, overrides), args)

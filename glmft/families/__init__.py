@@ -19,6 +19,9 @@ tasks and compare stay the same for all of them:
 * method defaults: ``lora_targets(model)``, ``ia3_targets(model) -> (targets, feedforward)``;
 * the P-Tuning v2 prefix: ``prefix_encoder(model)``, its module where the model was built with ``pre_seq_len``
   (built into ChatGLM; attached to other causal LMs by glmft.families.prefix), else ``None``;
+* input-level virtual tokens (prompt tuning, P-Tuning v1): ``virtual_forward_args(model, extended, position_ids,
+  count, length, first)``, the forward arguments that hand the model its tokens with the virtual ones among them
+  (glmft.families.virtual);
 * ``QUANTIZATION``: whether ``--quantization_bit`` (our INT4/INT8 layers) applies.
 
 Adding a family is its module plus one entry in ``FAMILIES``.

@@ -27,6 +27,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from glmft.families.base import cut_text, layer_list_path
 from glmft.families.prefix import attach, supports_prefix
+from glmft.families.virtual import standard_forward_args
 
 NAME = "causal_lm"
 END = "eos"
@@ -157,3 +158,6 @@ def ia3_targets(model) -> tuple[list[str], list[str]]:
 
 def prefix_encoder(model):
     return getattr(model, "prefix_encoder", None)  # only when built with pre_seq_len
+
+
+virtual_forward_args = standard_forward_args  # virtual tokens as inputs_embeds, positions over the extended mask

@@ -71,3 +71,19 @@ def ia3_targets(model) -> tuple[list[str], list[str]]:
 
 def prefix_encoder(model):
     return getattr(model.transformer, "prefix_encoder", None)  # only with pre_seq_len
+
+
+def virtual_forward_args(model, extended: dict, position_ids, count: int, length: int, first: bool) -> dict:
+    """Virtual tokens (glmft.families.virtual) on ChatGLM v1, which reads its layout from ``input_ids``: a starting
+    forward gets placeholder ids in the virtual slots beside the embeddings, so the model builds its bidirectional
+    context (the virtual tokens lie before <sop>, inside it) and its 2D positions over them itself; a cached step's
+    position (from ``generate``, counted over the real tokens) moves by ``count``: the mask position it repeats sits
+    ``count`` later, while the block position counts from <sop> and is unchanged."""
+    if first:
+        return {"input_ids": extended["ids"], "inputs_embeds": extended["embeds"],
+                "attention_mask": extended["mask"], "position_ids": None}
+    if position_ids is None:
+        raise ValueError("position_ids are needed when continuing from a cache (generate() passes them)")
+    shifted = position_ids.clone()
+    shifted[:, 0] += count
+    return {"attention_mask": extended["mask"], "position_ids": shifted}

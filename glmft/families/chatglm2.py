@@ -21,6 +21,7 @@ from chatglm import ChatGLM2ForCausalLM, ChatGLM2Tokenizer, ChatGLM3Tokenizer
 from chatglm.chatglm2 import is_chatglm2_config
 from chatglm.tokenization_chatglm2 import tokenizer_class_for
 from glmft.families.base import build_own, cut_text
+from glmft.families.virtual import standard_forward_args
 
 NAME = "chatglm2"
 END = "eos"
@@ -81,3 +82,6 @@ def ia3_targets(model) -> tuple[list[str], list[str]]:
 
 def prefix_encoder(model):
     return model.prefix_encoder
+
+
+virtual_forward_args = standard_forward_args  # virtual tokens as inputs_embeds, positions over the extended mask
