@@ -181,6 +181,11 @@ def markdown(table: dict[str, dict], settings: dict, task: types.ModuleType | No
         "", *lines, ""])
 
 
+def color(index: int, count: int):
+    """Matplotlib's ten default colours, or twenty paired ones when more methods share a plot (--methods all)."""
+    return f"C{index % 10}" if count <= 10 else plt.get_cmap("tab20")(index % 20)
+
+
 def plot_losses(results: list[dict], path: Path) -> None:
     """Every run's logged training loss, by optimizer step (left) and by wall time (right)."""
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 4.8))
@@ -190,7 +195,8 @@ def plot_losses(results: list[dict], path: Path) -> None:
         history = r.get("train", {}).get("history", [])
         if r["status"] != "ok" or not history:
             continue
-        style = {"color": f"C{variants.index(r['variant']) % 10}", "label": f"{r['variant']} (seed {r['seed']})",
+        style = {"color": color(variants.index(r["variant"]), len(variants)),
+                 "label": f"{r['variant']} (seed {r['seed']})",
                  "linestyle": ("-", "--", ":", "-.")[seeds.index(r["seed"]) % 4],
                  "marker": "." if len(history) < 30 else None}
         loss = [h["train/loss"] for h in history]
@@ -217,7 +223,7 @@ def plot_metric_memory(table: dict[str, dict], path: Path, key: str, header: str
             continue
         spread = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in (mem, metric)]
         ax.errorbar(statistics.mean(mem), statistics.mean(metric), xerr=spread[0], yerr=spread[1], fmt="o",
-                    color=f"C{i}", capsize=4, label=variant)
+                    color=color(i, len(table)), capsize=4, label=variant)
     ax.set_title(f"Test {header} against peak memory (mean ± std over seeds)")
     ax.set_xlabel("peak memory, GiB (GPU: max allocated; CPU: peak resident set)")
     ax.set_ylabel(f"test {header} ({key})")

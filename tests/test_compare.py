@@ -76,7 +76,8 @@ def test_every_variant_runs_and_the_report_is_complete(compared):
     rows = table_rows((out / "comparison.md").read_text())
     assert list(rows) == VARIANTS
     head = list(rows["lora"])
-    assert head[1:7] == SEED_COLUMNS and "micro F1" in head and "tokens/s" in head and "ckpt size" in head
+    assert head[1] == "kind" and head[2:8] == SEED_COLUMNS
+    assert "micro F1" in head and "tokens/s" in head and "ckpt size" in head
     for variant, row in rows.items():
         assert row["status"] == "ok" and row["seeds"] == "1/1"
         assert row["显卡占用/memory"].endswith("GiB") and re.fullmatch(r"\d\.\d{4}", row["测试结果F1"])
