@@ -68,6 +68,18 @@ def test_chatglm_generation_with_cache_equals_without_and_batched_equals_one_at_
     assert cached != generate(varied(sharpen(tiny_model(), factor=10.0)).eval(), PROMPTS)  # the tokens are read
 
 
+def test_positional_arguments_and_logits_line_up_with_the_input():
+    model = applied("p_tuning", varied(sharpen(tiny_model(), factor=10.0)))
+    ids = torch.tensor([[3, 3, *PROMPTS[1]], PROMPTS[2]])
+    mask = torch.tensor([[0, 0] + [1] * len(PROMPTS[1]), [1] * len(PROMPTS[2])])
+    with torch.no_grad():
+        by_name = model(input_ids=ids, attention_mask=mask).logits
+        assert by_name.shape[:2] == ids.shape
+        assert torch.equal(model(ids, mask).logits, by_name)  # the mask given positionally is not dropped
+        alone = model(input_ids=ids[:1, 2:]).logits  # the padded row read without its pads
+    torch.testing.assert_close(by_name[0, 2:], alone[0], rtol=0, atol=1e-5)
+
+
 def test_a_cached_step_at_the_wrong_position_is_caught(monkeypatch):
     """The deliberately broken variant: cached steps keep generate's positions (not moved past the virtual tokens),
     so cached generation leaves the uncached one: the equality above is what guards the position shift."""

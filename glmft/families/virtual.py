@@ -24,6 +24,8 @@ the method (a ``logits_to_keep`` cut is left as it is).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 
@@ -66,8 +68,9 @@ def first_real(mask: torch.Tensor) -> torch.Tensor:
 def _with_virtual(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     from glmft import families  # the family package imports this module
 
-    if args:  # input_ids given positionally
-        kwargs = {"input_ids": args[0], **kwargs}
+    if args:  # positional arguments by their names in the model's forward (input_ids, attention_mask, ...)
+        bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
+        kwargs = {**bound.pop("kwargs", {}), **bound}
     ids = kwargs.get("input_ids")
     if ids is None or kwargs.get("inputs_embeds") is not None:
         raise ValueError("a model with virtual tokens takes input_ids (the virtual embeddings are placed among "
