@@ -8,8 +8,8 @@ A script, not a test. The groups, one table row per check (ok, FAIL, or skip wit
 - logits: the tiny model on CUDA in fp32, fp16 and bf16 against the CPU in fp32 (a left-padded batch; relative
   tolerances in TOLERANCE).
 - train: each method trained 20 steps through the real ``deepspeed finetuning_<m>.py --model_dir tiny --max_steps 20
-  --log_steps 5`` with the default ds_config.json (fp16 on a GPU, NCCL), then scored by ``predict_<m>.py``; the
-  four run side by side on the one GPU.
+  --log_steps 5`` with the default ds_config.json (fp16 on a GPU, NCCL), then scored by ``predict_<m>.py``; all
+  eleven run side by side on the one GPU.
 - quant: an INT8 and an INT4 ``QuantizedLinear`` on CUDA (cpm_kernels where its kernels load, plain torch otherwise:
   the row says which and why) against the same layer on the CPU, forward and input gradient; the CUDA
   dequantization must equal the CPU's bit for bit.
@@ -59,7 +59,11 @@ CHATGLM_6B = dict(vocab_size=130528, hidden_size=4096, num_layers=28, num_attent
 SMALL = dict(CHATGLM_6B, num_layers=4, hidden_size=512, num_attention_heads=8, inner_hidden_size=2048)
 SMOKE = dict(CHATGLM_6B, vocab_size=1000, num_layers=2, hidden_size=64, num_attention_heads=4, inner_hidden_size=256,
              max_sequence_length=512, mask_token_id=990, gmask_token_id=991, bos_token_id=994, eos_token_id=995)
-METHODS = {"freeze": ["--num_trainable_layers", "1"], "embedding": [], "pt": [], "lora": []}  # tiny has 2 layers
+# Every method (tiny has 2 layers): fp16 through DeepSpeed is where the virtual tokens, AdaLoRA's per-step hook on the
+# fp32 master copy and full fine-tuning's loss scaling can go wrong on a GPU and nowhere else.
+METHODS = {"freeze": ["--num_trainable_layers", "1"], "embedding": [], "pt": [], "lora": [], "bitfit": [],
+           "prompt_tuning": ["--num_virtual_tokens", "4"], "p_tuning": ["--num_virtual_tokens", "4"],
+           "adapter": ["--adapter_size", "8"], "ia3": [], "adalora": [], "full": []}
 # max |logits - CPU fp32 logits| / max |CPU fp32 logits| on the tiny model, per dtype on the device
 TOLERANCE = {"float32": 1e-4, "float16": 5e-3, "bfloat16": 3e-2}
 PROMPTS = ["你好", "发动机的功率是多少？请用一句话回答。"]
