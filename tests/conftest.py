@@ -20,6 +20,15 @@ SHARED = ROOT.parent / "shared"
 
 # A small vocabulary with the special ids placed at its end, as the real one has them after the text pieces.
 TINY_SPECIAL = dict(mask_token_id=90, gmask_token_id=91, bos_token_id=94, eos_token_id=95, pad_token_id=3)
+# Each method's options at tiny-model sizes (the rest at their defaults), for tests that run every method of the table.
+SMALL_METHOD_ARGS = {"freeze": {"num_trainable_layers": 1}, "pt": {"pre_seq_len": 3}, "lora": {"lora_r": 4},
+                     "adapter": {"adapter_size": 8}, "prompt_tuning": {"num_virtual_tokens": 3},
+                     "p_tuning": {"num_virtual_tokens": 3}, "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
+
+
+def small_args(tuner):
+    """The tuner's Args at tiny-model sizes."""
+    return tuner.Args(**SMALL_METHOD_ARGS.get(tuner.NAME, {}))
 
 
 def tiny_config(**overrides) -> ChatGLMConfig:

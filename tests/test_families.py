@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, shared_path
+from conftest import ROOT, shared_path, small_args
 from family_models import FAMILY_OF, build
 
 from glmft import checkpoint, data, decode, families
@@ -138,14 +138,19 @@ def test_a_causal_lms_prefix_is_used_with_and_without_the_cache_and_in_batches(f
     tuner = TUNERS["pt"]
     args = tuner.Args(pre_seq_len=3, prefix_projection=projection)
     model = decisive(tuner.apply(build_model(family_dirs[kind], overrides=tuner.model_overrides(args)), args))
-    tokenizer = load_tokenizer(family_dirs[kind])
-    prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
+    tokenizer, prompts = family_prompts(family_dirs[kind])
     generation_agrees(model, tokenizer, prompts)
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
         model.prefix_encoder.embedding.weight.add_(1.0)
         assert not torch.allclose(model(input_ids=ids).logits, before)
+
+
+def family_prompts(directory) -> tuple:
+    """The family's tokenizer and the prediction prompts of TEXTS (different lengths: a batch is left-padded)."""
+    tokenizer = load_tokenizer(directory)
+    return tokenizer, [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
 
 
 def generation_agrees(model, tokenizer, prompts: list[list[int]], new_tokens: int = 6) -> None:
@@ -173,9 +178,8 @@ def decisive(model):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_batched_generation_equals_one_prompt_at_a_time(family_dirs, kind):
-    tokenizer = load_tokenizer(family_dirs[kind])
+    tokenizer, prompts = family_prompts(family_dirs[kind])
     model = decisive(build_model(family_dirs[kind]))
-    prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
     assert len({len(p) for p in prompts}) > 1  # different lengths: the batch is left-padded
     settings = dict(max_new_tokens=6, do_sample=False, num_beams=1)
     batched, _ = decode.generate(model, tokenizer, prompts, batch_size=4, **settings)
@@ -409,19 +413,13 @@ def test_lora_options_refuse_nonsense():
     assert lora.Args(lora_target="a, b").targets() == ["a", "b"]
 
 
-SMALL_ARGS = {"freeze": {"num_trainable_layers": 1}, "pt": {"pre_seq_len": 3}, "lora": {"lora_r": 4},
-              "adapter": {"adapter_size": 8}, "prompt_tuning": {"num_virtual_tokens": 3},
-              "p_tuning": {"num_virtual_tokens": 3}, "adalora": {"init_r": 4, "target_r": 2, "total_step": 10}}
-
-
 @pytest.mark.parametrize("kind", ["chatglm2", "bloom"])
 def test_every_method_generates_the_same_cached_uncached_and_batched(family_dirs, kind):
     """Every tuner of the table on a non-v1 family, its tensors moved as training would: greedy generation with the
     cache equals generation that recomputes everything each step, and a left-padded batch equals one at a time."""
-    tokenizer = load_tokenizer(family_dirs[kind])
-    prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
+    tokenizer, prompts = family_prompts(family_dirs[kind])
     for name, tuner in TUNERS.items():
-        args = tuner.Args(**SMALL_ARGS.get(name, {}))
+        args = small_args(tuner)
         try:
             model = tuner.apply(build_model(family_dirs[kind], overrides=tuner.model_overrides(args)), args)
         except ValueError as err:  # bitfit on a model without biases

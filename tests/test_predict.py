@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, small_args
 from safetensors.torch import load_file, save_file
 
 import chatglm
@@ -22,16 +22,13 @@ from glmft.data import read_records, record_prompt_ids
 from glmft.train import meta_record
 from glmft.tuners import TUNERS
 
-METHOD_ARGS = {"freeze": {"num_trainable_layers": 1}, "embedding": {}, "pt": {"pre_seq_len": 3},
-               "lora": {"lora_r": 4}, "bitfit": {}, "ia3": {}, "adapter": {"adapter_size": 8}, "full": {},
-               "prompt_tuning": {"num_virtual_tokens": 3}, "p_tuning": {"num_virtual_tokens": 3}}
 TEST = ROOT / "data" / "sample_test.jsonl"
 
 
 def make_checkpoint(method: str, base_dir, directory):
     """A checkpoint as a 2-step training run leaves it (weights moved off their initial values, real meta.json)."""
     tuner = TUNERS[method]
-    args = tuner.Args(**METHOD_ARGS.get(method, {}))
+    args = small_args(tuner)
     overrides = tuner.model_overrides(args)
     torch.manual_seed(0)
     model = tuner.apply(chatglm.ChatGLMForConditionalGeneration.from_pretrained(base_dir, **overrides), args)

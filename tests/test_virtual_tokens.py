@@ -8,14 +8,13 @@ import pytest
 import torch
 from conftest import shared_path, tiny_model
 from family_models import build
-from test_families import TEXTS, decisive, generation_agrees
+from test_families import decisive, family_prompts, generation_agrees
 from test_generation import PROMPTS, generate, varied
 from test_model_invariants import sharpen
 
 import chatglm
-from glmft import data
 from glmft.families import chatglm as chatglm_family
-from glmft.model import build_model, count_parameters, load_tokenizer, summary_line
+from glmft.model import build_model, count_parameters, summary_line
 from glmft.tuners import TUNERS
 
 H, V = 64, 3  # the tiny models' hidden size; virtual tokens here
@@ -90,7 +89,7 @@ def test_a_cached_step_at_the_wrong_position_is_caught(monkeypatch):
     def broken(model, extended, position_ids, count, length, first):
         return unshifted(model, extended, position_ids, 0 if not first else count, length, first)
 
-    monkeypatch.setattr(chatglm_family, "virtual_forward_args", broken)
+    monkeypatch.setattr(model, "_virtual_forward_args", broken)  # the family's function, as attach() took it
     assert generate(model, PROMPTS, use_cache=True) != right
     assert generate(model, PROMPTS, use_cache=False) == right  # uncached steps never take the shift
 
@@ -99,8 +98,7 @@ def test_a_cached_step_at_the_wrong_position_is_caught(monkeypatch):
 @pytest.mark.parametrize("case", ["prompt_tuning", "p_tuning"])
 def test_other_families_generate_the_same_cached_uncached_and_batched(family_dirs, kind, case):
     model = applied(case, decisive(build_model(family_dirs[kind])), moved=0.3)
-    tokenizer = load_tokenizer(family_dirs[kind])
-    prompts = [data.build_prompt_ids(t, tokenizer, 64, prompt_text="") for t in TEXTS]
+    tokenizer, prompts = family_prompts(family_dirs[kind])
     generation_agrees(model, tokenizer, prompts)
     ids = torch.tensor([prompts[0]])
     with torch.no_grad():

@@ -38,8 +38,12 @@ def attach(model: nn.Module, encoder: nn.Module, count: int) -> nn.Module:
     hidden]``) and the hooks that place its output; ``config.num_virtual_tokens`` records ``V``."""
     if getattr(model, "prompt_encoder", None) is not None:
         raise ValueError("the model already has virtual tokens; apply the method to a fresh model")
+    from glmft import families  # the family package imports this module
+
     model.prompt_encoder = encoder
     model.config.num_virtual_tokens = count
+    # looked up once: finding the family reads the whole config, too much for every decoding step
+    model._virtual_forward_args = families.of_model(model).virtual_forward_args
     model.register_forward_pre_hook(_with_virtual, with_kwargs=True)
     model.register_forward_hook(_drop_virtual, with_kwargs=True)
     return model
@@ -66,8 +70,6 @@ def first_real(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _with_virtual(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    from glmft import families  # the family package imports this module
-
     if args:  # positional arguments by their names in the model's forward (input_ids, attention_mask, ...)
         bound = inspect.signature(model.forward).bind_partial(*args, **kwargs).arguments
         kwargs = {**bound.pop("kwargs", {}), **bound}
@@ -96,8 +98,7 @@ def _with_virtual(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, d
         extended["ids"] = spliced(ids, ids.new_full((batch, count), model.config.pad_token_id or 0), lead)
         if kwargs.get("labels") is not None:
             kwargs["labels"] = spliced(kwargs["labels"], kwargs["labels"].new_full((batch, count), IGNORE_INDEX), lead)
-    kwargs.update(families.of_model(model).virtual_forward_args(model, extended, kwargs.get("position_ids"), count,
-                                                                length, first))
+    kwargs.update(model._virtual_forward_args(model, extended, kwargs.get("position_ids"), count, length, first))
     model._virtual_layout = (lead, extended["mask"].shape[-1]) if first else None  # for the post-hook
     return (), kwargs
 
